@@ -1,0 +1,2 @@
+"""zoo: attention variants and positional encodings for Flax NNX, swappable
+by name through one registry (`zoo.registry`)."""

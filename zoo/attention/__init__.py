@@ -1,0 +1,4 @@
+"""Attention ops, one module per family; importing this registers them all."""
+
+from zoo.attention import dense  # noqa: F401
+from zoo.attention.base import AttentionOp, Bias, POSITION_KINDS  # noqa: F401

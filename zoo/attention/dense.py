@@ -1,0 +1,87 @@
+"""Dense softmax attention: the einsum reference and the fused XLA path."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from zoo import registry
+from zoo.attention.base import AttentionOp, group_queries, positions_qk
+
+
+def dense_mask(q, k, *, causal, mask):
+  """BxTxS boolean of allowed (query, key) pairs, or None for all."""
+  t, s = q.shape[1], k.shape[1]
+  allowed = None
+  if causal:
+    q_pos, k_pos = positions_qk(t, s)
+    allowed = (q_pos[:, None] >= k_pos[None, :])[None]
+  if mask is not None:
+    m = mask[:, None, :] if mask.ndim == 2 else mask
+    allowed = m if allowed is None else allowed & m
+  return allowed
+
+
+@registry.register("attention", "standard")
+@dataclasses.dataclass(frozen=True)
+class Standard(AttentionOp):
+  """Dense softmax attention written as einsums: the reference every op is
+  checked against. Memory grows as length squared."""
+
+  full_mask = True
+
+  def attend(self, q, k, v, *, causal, mask, bias):
+    b, t, h, d = q.shape
+    g = k.shape[2]
+    q_BxTxGxRxK = group_queries(q, g).astype(jnp.float32)
+    logits_BxGxRxTxS = jnp.einsum("btgrd,bsgd->bgrts", q_BxTxGxRxK,
+                                  k.astype(jnp.float32)) / jnp.sqrt(d)
+    if bias is not None:
+      q_pos, k_pos = positions_qk(t, k.shape[1])
+      bias_HxTxS = bias(q_pos, k_pos).astype(jnp.float32)
+      logits_BxGxRxTxS += bias_HxTxS.reshape(g, h // g, t, -1)[None]
+    allowed_BxTxS = dense_mask(q, k, causal=causal, mask=mask)
+    if allowed_BxTxS is not None:
+      allowed = allowed_BxTxS[:, None, None]
+      logits_BxGxRxTxS = jnp.where(allowed, logits_BxGxRxTxS, -jnp.inf)
+    weights = jax.nn.softmax(logits_BxGxRxTxS, axis=-1)
+    if allowed_BxTxS is not None:
+      weights = jnp.where(allowed, weights, 0.0)
+    out_BxTxGxRxK = jnp.einsum("bgrts,bsgd->btgrd", weights,
+                               v.astype(jnp.float32))
+    return out_BxTxGxRxK.reshape(b, t, h, d).astype(q.dtype)
+
+
+@registry.register("attention", "xla")
+@dataclasses.dataclass(frozen=True)
+class Xla(AttentionOp):
+  """`jax.nn.dot_product_attention`: XLA's fused attention, cuDNN flash
+  attention on GPU when `implementation='cudnn'` (fp16/bf16 inputs)."""
+
+  implementation: str | None = None
+  full_mask = True
+
+  def __post_init__(self):
+    if self.implementation not in (None, "xla", "cudnn"):
+      raise ValueError(
+          f"attention xla(implementation=...) must be None, 'xla' or 'cudnn'; "
+          f"got {self.implementation!r}")
+
+  def attend(self, q, k, v, *, causal, mask, bias):
+    t, s = q.shape[1], k.shape[1]
+    bias_1xHxTxS = None
+    if bias is not None:
+      bias_1xHxTxS = bias(*positions_qk(t, s))[None].astype(jnp.float32)
+    # jax's is_causal aligns the triangle at the top-left; ours aligns at the
+    # end, so unequal lengths go through the explicit mask.
+    fused_causal = causal and t == s
+    allowed_BxTxS = dense_mask(q, k, causal=causal and not fused_causal,
+                               mask=mask)
+    mask_Bx1xTxS = None if allowed_BxTxS is None else allowed_BxTxS[:, None]
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias_1xHxTxS, mask=mask_Bx1xTxS, is_causal=fused_causal,
+        implementation=self.implementation)
+    if allowed_BxTxS is not None:
+      has_key_BxTx1x1 = jnp.any(allowed_BxTxS, axis=-1)[:, :, None, None]
+      out = jnp.where(has_key_BxTx1x1, out, 0)
+    return out.astype(q.dtype)

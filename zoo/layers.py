@@ -1,0 +1,123 @@
+"""Shared building blocks: attention projections and heads, MLP, norms and the
+pre-norm transformer block. Every attention family and positional encoding
+plugs in here; nothing in this file knows which one it runs.
+
+Shapes: B batch, T length, D embed, H heads, G kv heads, K head dim, F mlp.
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import registry
+from zoo.attention.base import AttentionOp
+from zoo.position.base import Position
+from zoo.sharding import constrain, logical
+
+_init = nnx.initializers.lecun_normal()
+
+
+def build_attention_and_position(attention: str, position: str, *,
+                                 embed_dim: int, num_heads: int, seq_len: int,
+                                 rngs: nnx.Rngs, param_dtype
+                                 ) -> tuple[AttentionOp, Position]:
+  """Builds both parts from their specs and refuses incompatible pairs."""
+  op = registry.build("attention", attention)
+  pe = registry.build("position", position, embed_dim=embed_dim,
+                      num_heads=num_heads, seq_len=seq_len, rngs=rngs,
+                      param_dtype=param_dtype)
+  if pe.kind not in op.positions:
+    works = [p for p in registry.names("position")
+             if registry.get("position", p).kind in op.positions]
+    raise ValueError(
+        f"attention {attention!r} cannot take position {position!r} (a "
+        f"{pe.kind} encoding); with this attention use one of: "
+        f"{', '.join(works)}")
+  return op, pe
+
+
+class MultiHeadAttention(nnx.Module):
+  """Projections to H query heads and G kv heads (grouped-query when G < H),
+  positions applied to q and k, a registered attention op, and the output
+  projection."""
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+               op: AttentionOp, causal: bool, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    if embed_dim % num_heads:
+      raise ValueError(f"model.embed_dim={embed_dim} must be divisible by "
+                       f"model.num_heads={num_heads}")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"model.num_heads={num_heads} must be divisible by "
+                       f"model.num_kv_heads={num_kv_heads}")
+    d, h, g, k = embed_dim, num_heads, num_kv_heads, embed_dim // num_heads
+    self.op, self.causal = op, causal
+
+    def proj(spec, shape, names):
+      return nnx.Einsum(spec, shape, kernel_init=logical(_init, *names),
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    self.query = proj("BTD,DHK->BTHK", (d, h, k), ("embed", "heads", "kv"))
+    self.key = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"))
+    self.value = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"))
+    self.out = proj("BTHK,HKD->BTD", (h, k, d), ("heads", "kv", "embed"))
+
+  def __call__(self, x_BxTxD, position: Position,
+               mask_BxT: Optional[jax.Array] = None):
+    positions_T = jnp.arange(x_BxTxD.shape[1])
+    q_BxTxHxK = position.rotate(self.query(x_BxTxD), positions_T)
+    k_BxTxGxK = position.rotate(self.key(x_BxTxD), positions_T)
+    v_BxTxGxK = self.value(x_BxTxD)
+    q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "length", "heads", "kv"))
+    out_BxTxHxK = self.op(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=self.causal,
+                          mask=mask_BxT, bias=position.bias())
+    return self.out(out_BxTxHxK)
+
+
+class Mlp(nnx.Module):
+  """D -> F -> D with GELU."""
+
+  def __init__(self, *, embed_dim: int, mlp_dim: int, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.up = nnx.Linear(embed_dim, mlp_dim, use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype,
+                         kernel_init=logical(_init, "embed", "mlp"), rngs=rngs)
+    self.down = nnx.Linear(mlp_dim, embed_dim, use_bias=False, dtype=dtype,
+                           param_dtype=param_dtype,
+                           kernel_init=logical(_init, "mlp", "embed"),
+                           rngs=rngs)
+
+  def __call__(self, x_BxTxD):
+    h_BxTxF = jax.nn.gelu(self.up(x_BxTxD))
+    h_BxTxF = constrain(h_BxTxF, ("batch", "length", "mlp"))
+    return self.down(h_BxTxF)
+
+
+def rms_norm(embed_dim: int, rngs: nnx.Rngs, dtype, param_dtype):
+  return nnx.RMSNorm(embed_dim, dtype=dtype, param_dtype=param_dtype,
+                     scale_init=logical(nnx.initializers.ones, "embed"),
+                     rngs=rngs)
+
+
+class TransformerBlock(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+               mlp_dim: int, op: AttentionOp, causal: bool, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.attention_norm = rms_norm(embed_dim, rngs, dtype, param_dtype)
+    self.attention = MultiHeadAttention(
+        embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        op=op, causal=causal, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.mlp_norm = rms_norm(embed_dim, rngs, dtype, param_dtype)
+    self.mlp = Mlp(embed_dim=embed_dim, mlp_dim=mlp_dim, rngs=rngs,
+                   dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x_BxTxD, position: Position,
+               mask_BxT: Optional[jax.Array] = None):
+    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), position,
+                                       mask_BxT)
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return constrain(x_BxTxD, ("batch", "length", "embed"))

@@ -1,0 +1,39 @@
+"""The positional-encoding contract.
+
+A positional encoding is an `nnx.Module` built by the model as
+
+    registry.build("position", spec, embed_dim=D, num_heads=H, seq_len=T,
+                   rngs=rngs, param_dtype=...)
+
+(spec arguments have defaults; the keyword arguments above are context, and a
+part takes the ones it needs). Its `kind` says how it enters the model:
+
+- "none":     nothing (attention is then permutation-equivariant);
+- "absolute": `embed(x_BxTxD)` adds a vector per position to the embeddings;
+- "rotary":   `rotate(x_BxTxHxK, positions_T)` rotates queries and keys;
+- "bias":     `bias()` returns a callable (q_pos_T, k_pos_S) -> HxTxS of
+              additive logits that the attention op evaluates per block.
+The base class is the identity for each, so a model calls all three.
+"""
+
+from typing import ClassVar, Optional
+
+from flax import nnx
+
+from zoo.attention.base import Bias
+
+
+class Position(nnx.Module):
+  """Base: no position information."""
+
+  kind: ClassVar[str] = "none"
+
+  def embed(self, x_BxTxD):
+    return x_BxTxD
+
+  def rotate(self, x_BxTxHxK, positions_T):
+    del positions_T
+    return x_BxTxHxK
+
+  def bias(self) -> Optional[Bias]:
+    return None

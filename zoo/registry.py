@@ -1,0 +1,211 @@
+"""One registry for every pluggable part: attention ops, positional encodings,
+models and tasks.
+
+A part is registered under a name with `@register(kind, name)`. A spec is a
+string a flag can carry, `"local(window=128)"`, parsed with `ast` into a name
+and keyword arguments. The spec may set a part's keyword parameters that have
+defaults; parameters without defaults are supplied by the caller (a model
+passes `num_heads` to a positional encoding, for example).
+
+    registry.names("attention")
+    op = registry.build("attention", "local(window=128)")
+    pe = registry.build("position", "alibi", num_heads=8)
+
+Every error (unknown kind, name or keyword, wrong type, bad syntax) is a
+`ValueError` with one line that names the valid choices.
+"""
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import typing
+from typing import Any, Callable
+
+# Where the parts of each kind live; imported on first use so that
+# `zoo.registry` sits at the bottom of the import graph.
+KINDS = {
+    "attention": "zoo.attention",
+    "position": "zoo.position",
+    "model": "zoo.models",
+    "task": "zoo.data",
+}
+
+_PARTS: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """One spec-settable parameter of a registered part."""
+
+  name: str
+  default: Any
+  type: Any
+
+
+def register(kind: str, name: str):
+  """Class or function decorator that registers a part under `name`."""
+  _check_kind(kind)
+
+  def wrap(part):
+    if name in _PARTS[kind]:
+      raise ValueError(f"{kind} {name!r} is registered twice")
+    _PARTS[kind][name] = part
+    part.registry_name = name
+    return part
+
+  return wrap
+
+
+def names(kind: str) -> list[str]:
+  """Sorted names registered under `kind`."""
+  return sorted(_parts(kind))
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+  """The registered class or function (not built)."""
+  parts = _parts(kind)
+  if name not in parts:
+    raise ValueError(
+        f"unknown {kind} {name!r}; valid: {', '.join(sorted(parts))}")
+  return parts[name]
+
+
+def parse(spec: str) -> tuple[str, dict[str, Any]]:
+  """`"local(window=128)"` -> `("local", {"window": 128})`."""
+  try:
+    node = ast.parse(spec.strip(), mode="eval").body
+  except SyntaxError:
+    raise ValueError(
+        f"cannot parse spec {spec!r}; write name or name(key=value, ...)"
+    ) from None
+  if isinstance(node, ast.Name):
+    return node.id, {}
+  if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+      and not node.args):
+    kwargs = {}
+    for kw in node.keywords:
+      if kw.arg is None:
+        raise ValueError(f"spec {spec!r}: ** is not allowed")
+      try:
+        kwargs[kw.arg] = ast.literal_eval(kw.value)
+      except ValueError:
+        raise ValueError(
+            f"spec {spec!r}: value of {kw.arg!r} must be a literal "
+            "(number, string, bool, None, tuple)") from None
+    return node.func.id, kwargs
+  raise ValueError(
+      f"cannot parse spec {spec!r}; write name or name(key=value, ...) "
+      "with keyword arguments only")
+
+
+def params(kind: str, name: str) -> list[Param]:
+  """The spec-settable parameters of a part, with defaults and types."""
+  part = get(kind, name)
+  target = part.__init__ if inspect.isclass(part) else part
+  hints = typing.get_type_hints(target)
+  out = []
+  for p in inspect.signature(part).parameters.values():
+    if p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL,
+                                                          p.VAR_KEYWORD):
+      continue
+    if p.name in ("rngs", "dtype", "param_dtype"):
+      continue
+    out.append(Param(p.name, p.default, hints.get(p.name, Any)))
+  return out
+
+
+def validate(kind: str, spec: str) -> tuple[str, dict[str, Any]]:
+  """Parses `spec` and checks its name, keywords and value types."""
+  name, kwargs = parse(spec)
+  get(kind, name)
+  allowed = {p.name: p for p in params(kind, name)}
+  for key, value in kwargs.items():
+    if key not in allowed:
+      valid = ", ".join(allowed) or "none"
+      raise ValueError(f"{kind} {name!r} has no argument {key!r}; "
+                       f"valid: {valid}")
+    if not _type_ok(value, allowed[key].type):
+      raise ValueError(
+          f"{kind} {name}({key}=...) must be {_type_name(allowed[key].type)}, "
+          f"got {value!r}")
+  return name, kwargs
+
+
+def build(kind: str, spec: str, **context) -> Any:
+  """Builds the part named by `spec`; `context` supplies caller arguments."""
+  name, kwargs = validate(kind, spec)
+  return get(kind, name)(**kwargs, **context)
+
+
+def describe(kind: str, name: str) -> str:
+  """`name(arg: type = default, ...)` for the listing."""
+  args = ", ".join(f"{p.name}: {_type_name(p.type)} = {p.default!r}"
+                   for p in params(kind, name))
+  return f"{name}({args})"
+
+
+def _check_kind(kind: str):
+  if kind not in KINDS:
+    raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(KINDS)}")
+
+
+def _parts(kind: str) -> dict[str, Callable[..., Any]]:
+  _check_kind(kind)
+  importlib.import_module(KINDS[kind])
+  return _PARTS[kind]
+
+
+def _type_ok(value, annotation) -> bool:
+  if annotation is Any:
+    return True
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    return any(_type_ok(value, a) for a in typing.get_args(annotation))
+  if annotation is type(None):
+    return value is None
+  if origin is tuple:
+    return isinstance(value, tuple)
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if inspect.isclass(annotation):
+    return isinstance(value, annotation)
+  return True
+
+
+def _type_name(annotation) -> str:
+  if inspect.isclass(annotation) and typing.get_origin(annotation) is None:
+    return annotation.__name__
+  return str(annotation).replace("typing.", "")
+
+
+def compatible(attention: str, position: str) -> bool:
+  """Whether an attention op can take a positional encoding (by name)."""
+  return get("position", position).kind in get("attention", attention).positions
+
+
+def main():
+  """Prints every registered part with its arguments and defaults, then which
+  attention ops take which positional encodings."""
+  for kind in KINDS:
+    print(f"[{kind}]")
+    for name in names(kind):
+      doc = (inspect.getdoc(get(kind, name)) or "").split("\n")[0]
+      print(f"  {describe(kind, name)}\n      {doc}")
+  positions = names("position")
+  width = max(map(len, positions)) + 1
+  print("\n[attention x position]  (masks: causal, padding [batch, kv_len]; "
+        "'full' = also [batch, q_len, kv_len])")
+  print(" " * 12 + "".join(p.rjust(width) for p in positions) + "  masks")
+  for attention in names("attention"):
+    marks = "".join(("yes" if compatible(attention, p) else "-").rjust(width)
+                    for p in positions)
+    masks = "full" if get("attention", attention).full_mask else "padding"
+    print(attention.ljust(12) + marks + "  " + masks)
+
+
+if __name__ == "__main__":
+  from zoo import registry  # the imported module, which the parts fill
+  registry.main()

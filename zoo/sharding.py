@@ -1,0 +1,98 @@
+"""Logical axis names, their mapping to mesh axes, and the device mesh.
+
+Parameters and activations are annotated with logical axes ("batch",
+"length", "embed", "heads", "kv", "mlp", "vocab"); `config.sharding_rules`
+maps each to mesh axes ("data", "fsdp", "tensor"), so data parallel, FSDP and
+tensor parallel are config changes. Variables are created unsharded
+(`eager_sharding=False`) and placed by a jitted constructor with
+`out_shardings` (see `zoo/train.py`): one policy, everywhere.
+"""
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Default logical -> mesh rules: batch over data and fsdp, parameters' embed
+# axis over fsdp, heads and mlp over tensor.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+)
+
+
+def logical(init, *names: str | None):
+  """An initializer whose variable carries logical axis `names`."""
+  return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Resolves one -1 to "the rest" and checks the product."""
+  shape = [int(sizes[a]) for a in MESH_AXES]
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: sizes must be "
+                     "positive, with at most one -1 (the rest)")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ValueError(
+          f"mesh {dict(zip(MESH_AXES, shape))}: {known} does not divide the "
+          f"{num_devices} devices")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+        f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices "
+        f"but {num_devices} are present; make mesh.data * mesh.fsdp * "
+        f"mesh.tensor = {num_devices} (or set one to -1)")
+  return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
+  """A mesh over all devices (ICI/DCN-aware order from jax.make_mesh)."""
+  shape = mesh_shape(sizes, jax.device_count())
+  return jax.make_mesh(shape, MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def rules(config_rules: Sequence | None = None):
+  """The rules as a tuple of (logical, mesh axes) pairs."""
+  return tuple((k, tuple(v) if isinstance(v, list) else v)
+               for k, v in (config_rules or DEFAULT_RULES))
+
+
+def state_shardings(abstract_state, mesh, axis_rules):
+  """NamedShardings for an nnx state from its logical annotations."""
+  with nn.logical_axis_rules(axis_rules):
+    specs = nnx.get_partition_spec(abstract_state)
+  return jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
+
+
+def batch_sharding(mesh, axis_rules) -> NamedSharding:
+  """Sharding of a [batch, ...] input: batch over the data axes."""
+  with nn.logical_axis_rules(axis_rules):
+    spec = nn.logical_to_mesh_axes(("batch",))
+  return NamedSharding(mesh, P(*spec))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict:
+  """Assembles each process's slice of the batch into global arrays."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      local_batch)
+
+
+def constrain(x, names: tuple[str | None, ...]):
+  """Activation sharding constraint by logical names (no-op outside the
+  trainer's rules)."""
+  return nn.with_logical_constraint(x, names)
