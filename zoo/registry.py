@@ -105,8 +105,8 @@ def params(kind: str, name: str) -> list[Param]:
   target = part.__init__ if inspect.isclass(part) else part
   hints = typing.get_type_hints(target)
   out = []
-  for p in inspect.signature(part).parameters.values():
-    if p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL,
+  for p in inspect.signature(target).parameters.values():
+    if p.name == "self" or p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL,
                                                           p.VAR_KEYWORD):
       continue
     if p.name in ("rngs", "dtype", "param_dtype"):

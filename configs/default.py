@@ -1,0 +1,47 @@
+"""Embedded default: MQAR with a 2-layer decoder, no network, a few minutes on
+2 CPU cores.
+
+  python -m zoo.train --config=configs/default.py --workdir=/tmp/zoo
+"""
+
+import ml_collections
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_train_steps = 1500
+  config.batch_size = 32  # global, over all processes
+  config.learning_rate = 3e-3
+  config.warmup_steps = 100
+  config.weight_decay = 0.1
+  config.grad_clip_norm = 1.0
+  config.log_every_steps = 50
+  config.eval_every_steps = 250
+  config.checkpoint_every_steps = 500
+  config.max_checkpoints_to_keep = 3
+  # Peak dense TFLOP/s of one device; > 0 adds model FLOPs utilisation (mfu)
+  # to the metrics.
+  config.peak_tflops_per_device = 0.0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.attention = "standard"
+  config.model.position = "none"
+  config.model.num_layers = 2
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 4
+  config.model.embed_dim = 64
+  config.model.mlp_dim = 256
+  config.model.dtype = "float32"
+  config.model.param_dtype = "float32"
+
+  config.data = ml_collections.ConfigDict()
+  config.data.task = "mqar(num_pairs=8, vocab_size=128)"
+  config.data.seq_len = 64
+  config.data.dir = ""  # TFDS data_dir; "" = TFDS's default
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  return config

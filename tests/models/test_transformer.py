@@ -1,0 +1,105 @@
+"""Model properties: shapes, the permutation equivariance of attention without
+positions (and its loss with them), causality of the LM."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from zoo import registry
+from zoo.models.transformer import Trunk
+
+
+def trunk(position, causal=False, attention="standard"):
+  return Trunk(vocab_size=50, seq_len=12, causal=causal, attention=attention,
+               position=position, num_layers=2, embed_dim=32, num_heads=4,
+               num_kv_heads=2, mlp_dim=64, rngs=nnx.Rngs(0), dtype=jnp.float32,
+               param_dtype=jnp.float32)
+
+
+TOKENS = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
+PERM = np.random.default_rng(0).permutation(12)
+
+
+@pytest.mark.parametrize("attention", ["standard", "xla"])
+def test_no_position_is_permutation_equivariant(attention):
+  model = trunk("none", attention=attention)
+  np.testing.assert_allclose(model(TOKENS[:, PERM]), model(TOKENS)[:, PERM],
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_absolute_position_breaks_equivariance(position):
+  model = trunk(position)
+  if position == "learned":  # a zero-initialised table would hide positions
+    model.position.table[...] = jax.random.normal(jax.random.key(1),
+                                                  model.position.table.shape)
+  diff = jnp.abs(model(TOKENS[:, PERM]) - model(TOKENS)[:, PERM]).max()
+  assert diff > 1e-2
+
+
+def test_lm_is_causal():
+  model = registry.get("model", "lm")(
+      vocab_size=50, seq_len=12, attention="xla", position="learned",
+      num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=1, mlp_dim=64,
+      rngs=nnx.Rngs(0))
+  changed = TOKENS.at[:, 7:].set(3)
+  np.testing.assert_allclose(model(changed)[:, :7], model(TOKENS)[:, :7],
+                             atol=1e-5)
+  assert jnp.abs(model(changed)[:, 7:] - model(TOKENS)[:, 7:]).max() > 1e-3
+
+
+def test_classifier_ignores_padding():
+  model = registry.get("model", "classifier")(
+      vocab_size=50, num_classes=3, seq_len=12, attention="standard",
+      position="sinusoidal", num_layers=1, embed_dim=32, num_heads=4,
+      num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0))
+  mask = jnp.arange(12)[None, :] < jnp.array([[12], [8]])
+  other = TOKENS.at[1, 8:].set(7)
+  np.testing.assert_allclose(model(other, mask)[1], model(TOKENS, mask)[1],
+                             atol=1e-5)
+  assert model(TOKENS, mask).shape == (2, 3)
+
+
+def test_dtype_and_param_dtype_are_honoured():
+  model = Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
+                position="learned", num_layers=1, embed_dim=32, num_heads=4,
+                num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0),
+                dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(p.dtype == jnp.bfloat16 for p in params)
+  assert model(TOKENS).dtype == jnp.bfloat16
+
+
+def test_parameters_carry_logical_axes():
+  model = trunk("learned")
+  kernel = model.blocks[0].attention.query.kernel
+  assert kernel.get_metadata()["out_sharding"] == ("embed", "heads", "kv")
+  assert model.blocks[0].mlp.up.kernel.get_metadata()["out_sharding"] == (
+      "embed", "mlp")
+
+
+def test_bad_head_counts_are_refused():
+  with pytest.raises(ValueError, match="embed_dim=30 must be divisible by "
+                     "model.num_heads=4"):
+    Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
+          position="none", num_layers=1, embed_dim=30, num_heads=4,
+          num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0), dtype=jnp.float32,
+          param_dtype=jnp.float32)
+  with pytest.raises(ValueError, match="num_heads=4 must be divisible by "
+                     "model.num_kv_heads=3"):
+    trunk_args = dict(vocab_size=50, seq_len=12, causal=True,
+                      attention="standard", position="none", num_layers=1,
+                      embed_dim=32, num_heads=4, num_kv_heads=3, mlp_dim=64,
+                      rngs=nnx.Rngs(0), dtype=jnp.float32,
+                      param_dtype=jnp.float32)
+    Trunk(**trunk_args)
+
+
+def test_learned_table_shorter_than_sequence_is_refused():
+  with pytest.raises(ValueError, match=r"learned\(max_len=8\) is shorter"):
+    Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
+          position="learned(max_len=8)", num_layers=1, embed_dim=32,
+          num_heads=4, num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0),
+          dtype=jnp.float32, param_dtype=jnp.float32)
