@@ -1,5 +1,6 @@
 """Embedded default: MQAR with a 2-layer decoder, no network, a few minutes on
-2 CPU cores.
+2 CPU cores
+(eval accuracy near 1.0 by step 750; chance is 1/32).
 
   python -m zoo.train --config=configs/default.py --workdir=/tmp/zoo
 """
@@ -10,9 +11,9 @@ import ml_collections
 def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.num_train_steps = 1500
+  config.num_train_steps = 1000
   config.batch_size = 32  # global, over all processes
-  config.learning_rate = 3e-3
+  config.learning_rate = 1e-3
   config.warmup_steps = 100
   config.weight_decay = 0.1
   config.grad_clip_norm = 1.0
@@ -26,7 +27,7 @@ def get_config():
 
   config.model = ml_collections.ConfigDict()
   config.model.attention = "standard"
-  config.model.position = "none"
+  config.model.position = "learned"
   config.model.num_layers = 2
   config.model.num_heads = 4
   config.model.num_kv_heads = 4
@@ -36,7 +37,7 @@ def get_config():
   config.model.param_dtype = "float32"
 
   config.data = ml_collections.ConfigDict()
-  config.data.task = "mqar(num_pairs=8, vocab_size=128)"
+  config.data.task = "mqar(num_pairs=4, vocab_size=64)"
   config.data.seq_len = 64
   config.data.dir = ""  # TFDS data_dir; "" = TFDS's default
 

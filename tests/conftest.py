@@ -1,7 +1,5 @@
 """Shared fixtures: a session-wide TFDS data dir and tiny training configs."""
 
-import os
-
 import pytest
 
 from configs import default
@@ -30,7 +28,3 @@ def tiny_config(data_dir):
   config.data.dir = data_dir
   config.mesh.data = 1
   return config
-
-
-def repo_root():
-  return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

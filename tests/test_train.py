@@ -10,7 +10,6 @@ import grain
 import numpy as np
 import pytest
 
-from tests.conftest import repo_root
 from zoo import metrics, train
 from zoo.data import pipeline
 
@@ -81,7 +80,7 @@ def _cli(workdir, *overrides):
   return subprocess.run(
       [sys.executable, "-m", "zoo.train", "--config=configs/default.py",
        f"--workdir={workdir}", *overrides],
-      cwd=repo_root(), capture_output=True, text=True)
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("override,message", [
