@@ -17,6 +17,9 @@ def get_config():
   config.warmup_steps = 100
   config.weight_decay = 0.1
   config.grad_clip_norm = 1.0
+  # False: stop at a non-finite loss or gradient (exit 1, last checkpoint
+  # kept); True: skip that update and count it in `skipped_updates`.
+  config.skip_nonfinite = False
   config.log_every_steps = 50
   config.eval_every_steps = 250
   config.checkpoint_every_steps = 500

@@ -1,21 +1,29 @@
-"""Checkpoints with orbax: the train state (model and optimizer, as a pure
-dict) and the grain iterator state, saved asynchronously every N steps into
+"""Checkpoints with orbax: the train state (model and optimizer, saved as a
+pure dict) and the grain iterator state, written asynchronously into
 DIR/checkpoints/<step>/ by all processes.
 
 orbax skips unfinished (tmp) steps but does not fall back by itself when the
-newest finalised step is damaged; `restore` tries steps newest first and
-warns about each one it cannot read.
+newest finalised step is damaged (missing files, an empty step folder).
+`restore` tries steps newest first, warns about each unreadable one and moves
+it aside to DIR/checkpoints_damaged/<step> (so a later save of that step
+number can succeed); intact steps are never touched.
 """
 
+import os
+import shutil
+
 import grain
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, every: int, max_to_keep: int = 3):
-    self.every = every
+  def __init__(self, directory: str, *, max_to_keep: int = 3):
+    self.directory = directory
     self.manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -24,29 +32,54 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 
-  def restore(self, abstract_state, data_iterator):
-    """(state, step) from the newest readable step, or (None, 0). The
-    abstract state holds jax.ShapeDtypeStructs with the target shardings;
-    `data_iterator` is set to the saved position in place."""
+  def restore(self, abstract_state, data_iterator=None):
+    """(state, step) from the newest readable step, or (None, 0).
+
+    `abstract_state` is an nnx.State of jax.ShapeDtypeStructs carrying the
+    target shardings (which may differ from those saved); `data_iterator`, if
+    given, is set to the saved position in place."""
+    damaged = []
+    restored = None
     for step in sorted(self.manager.all_steps(), reverse=True):
+      items = {"state": ocp.args.StandardRestore(
+          nnx.to_pure_dict(abstract_state))}
+      if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        restored = self.manager.restore(step,
+                                        args=ocp.args.Composite(**items))
+        break
       except Exception as e:  # noqa: BLE001 - any damage means "try older"
         logging.warning("checkpoint step %d is unreadable (%s: %s); trying "
-                        "an older step", step, type(e).__name__, e)
-        continue
-      return restored["state"], step
-    return None, 0
+                        "an older step", step, type(e).__name__,
+                        str(e).split("\n")[0][:200])
+        damaged.append(step)
+    self._move_aside(damaged)
+    if restored is None:
+      return None, 0
+    state = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(state, restored["state"])
+    return state, step
 
-  def save(self, step: int, state, data_iterator, *, force: bool = False):
-    """Starts an async save when `step` is due (or `force`)."""
-    if not force and step % self.every:
+  def _move_aside(self, steps):
+    if not steps:
       return
+    if jax.process_index() == 0:
+      aside = self.directory.rstrip("/") + "_damaged"
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, str(step))
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("zoo damaged checkpoints moved")
+    self.manager.reload()
+
+  def save(self, step: int, state, data_iterator):
+    """Starts an async save of the nnx `state` and the iterator position."""
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator)), force=force)
+        state=ocp.args.StandardSave(nnx.to_pure_dict(state)),
+        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
   def close(self):
     """Waits for pending writes."""

@@ -9,6 +9,7 @@ one CPU is a mesh of one, a pod slice the same program.
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from zoo import registry, sharding
@@ -110,123 +112,241 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
   return tx, schedule
 
 
-def _mean_metrics(rows: list[dict]) -> dict[str, float]:
-  rows = jax.device_get(rows)
-  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+@dataclasses.dataclass
+class Setup:
+  """The train state's structure and placement on the mesh."""
+
+  graphdef: Any
+  abstract_state: Any  # nnx.State of jax.ShapeDtypeStruct with shardings
+  state_shardings: Any
+  create: Any  # () -> (model, optimizer)
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint.
-  Returns the last logged metrics."""
-  p = plan(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  axis_rules = sharding.rules()
-  data_dir = config.data.dir or None
-  sources = p.task.sources(data_dir)
-  tx, schedule = make_optimizer(config)
+def setup(config, p: Plan, mesh, axis_rules, tx) -> Setup:
+  """Model and optimizer structure, sharded by the logical axis rules."""
 
   def create():
     model = p.model_fn()
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-  state_shardings = sharding.state_shardings(abstract_state, mesh, axis_rules)
-  batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+  shardings = sharding.state_shardings(abstract_state, mesh, axis_rules)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, shardings)
+  return Setup(graphdef, abstract_state, shardings, create)
+
+
+def restore_model(config, workdir: str):
+  """The model of `workdir`'s newest readable checkpoint (e.g. to evaluate
+  or sample), placed on a mesh built from `config`. Raises if there is
+  none."""
+  p = plan(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  axis_rules = sharding.rules()
+  s = setup(config, p, mesh, axis_rules, make_optimizer(config)[0])
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+    state, step = ckpt.restore(s.abstract_state)
+  ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir}")
+  return nnx.merge(s.graphdef, state)[0]
+
+
+class NonFiniteError(RuntimeError):
+  """Loss or gradients became NaN or infinite."""
+
+
+def _make_train_step(graphdef):
+  """A step that updates only when the loss and every gradient are finite;
+  metrics carry `finite` and, per parameter, whether its gradient was."""
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
-    (_, metrics), grads = grad_fn(model)
+    (loss, metrics), grads = grad_fn(model)
+    grads_finite = jnp.stack([jnp.isfinite(g).all()
+                              for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(loss) & grads_finite.all()
     optimizer.update(model, grads)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    return nnx.state((model, optimizer)), metrics
+    new_state = nnx.state((model, optimizer))
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
+                             state)
+    metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
+                   grads_finite=grads_finite)
+    return new_state, metrics
 
-  def eval_step(state, batch):
-    model, _ = nnx.merge(graphdef, state)
-    return model.loss(batch)[1]
+  return train_step
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest readable
+  checkpoint; returns the last logged metrics. SIGTERM saves a checkpoint at
+  the current step and returns; a non-finite loss or gradient raises
+  NonFiniteError naming the step (or, with `config.skip_nonfinite`, skips
+  that update and counts it)."""
+  p = plan(config)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  axis_rules = sharding.rules()
+  sources = p.task.sources(config.data.dir or None)
+  tx, schedule = make_optimizer(config)
+  s = setup(config, p, mesh, axis_rules, tx)
+  batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+  param_names = [jax.tree_util.keystr(path) for path, _ in
+                 jax.tree_util.tree_flatten_with_path(
+                     nnx.state(s.abstract_state, nnx.Param))[0]]
 
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                      every=config.checkpoint_every_steps,
                       max_to_keep=config.max_checkpoints_to_keep)
   train_iter = pipeline.train_iterator(sources["train"],
                                        global_batch=config.batch_size,
                                        seed=config.seed)
+  preempted = _Preemption()
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    abstract_pure = nnx.to_pure_dict(jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_state, state_shardings))
-    restored, start = ckpt.restore(abstract_pure, train_iter)
-    if restored is None:
-      state = jax.jit(lambda: nnx.state(create()),
-                      out_shardings=state_shardings)()
+    state, start = ckpt.restore(s.abstract_state, train_iter)
+    if state is None:
+      state = jax.jit(lambda: nnx.state(s.create()),
+                      out_shardings=s.state_shardings)()
     else:
-      state = abstract_state
-      nnx.replace_by_pure_dict(state, restored)
       logging.info("resumed from step %d", start)
-
-    first = sharding.global_batch(next(train_iter), batch_sharding)
-    step_fn = jax.jit(train_step, donate_argnums=0,
-                      out_shardings=(state_shardings, None)
-                      ).lower(state, first).compile()
-    eval_fn = jax.jit(eval_step)
+    next_batch = lambda: sharding.global_batch(next(train_iter), batch_sharding)
+    batch = next_batch()
+    step_fn = jax.jit(_make_train_step(s.graphdef),
+                      donate_argnums=0, out_shardings=(s.state_shardings, None)
+                      ).lower(state, batch).compile()
     flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
-    writer = MetricsWriter(workdir, resume_step=start)
-    tokens_per_step = config.batch_size * config.data.seq_len
-    window, last = [], {}
-    t0, window_start, batch = time.time(), time.time(), first
+    eval_fn = jax.jit(lambda st, b: nnx.merge(s.graphdef, st)[0].loss(b)[1])
+    log = _Logger(config, workdir, start, schedule, flops)
     try:
       for step in range(start, config.num_train_steps):
-        if batch is None:
-          batch = sharding.global_batch(next(train_iter), batch_sharding)
-        state, metrics = step_fn(state, batch)
-        batch = None
-        window.append(metrics)
+        state, metrics = step_fn(state, batch if step == start else next_batch())
         done = step + 1
-        if done % config.log_every_steps == 0 or done == config.num_train_steps:
-          scalars = _mean_metrics(window)
-          elapsed = time.time() - window_start
-          steps_per_s = len(window) / elapsed
-          scalars.update(
-              learning_rate=float(schedule(step)),
-              tokens_per_s=steps_per_s * tokens_per_step,
-              tflops_per_s=steps_per_s * flops * jax.device_count() / 1e12)
-          if config.peak_tflops_per_device > 0:
-            scalars["mfu"] = scalars["tflops_per_s"] / (
-                config.peak_tflops_per_device * jax.device_count())
-          eta = (config.num_train_steps - done) / steps_per_s
-          logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0fs", done,
-                       config.num_train_steps, scalars["loss"],
-                       scalars["tokens_per_s"], eta)
-          if done % config.eval_every_steps == 0 or done == config.num_train_steps:
-            scalars.update(evaluate(eval_fn, state, sources["eval"], config,
-                                    batch_sharding))
-            logging.info("step %d  eval %s", done, {
-                k: round(v, 4) for k, v in scalars.items() if k.startswith("eval")})
-          writer.write(done, scalars)
-          last = scalars
-          window, window_start = [], time.time()
-        ckpt.save(done, nnx.to_pure_dict(state), train_iter,
-                  force=done == config.num_train_steps)
+        log.add(done, metrics)
+        last = done == config.num_train_steps
+        log_now = done % config.log_every_steps == 0 or last
+        save = done % config.checkpoint_every_steps == 0 or last
+        stop = preempted.reached(done)
+        if log_now or save or stop:
+          log.check_finite(param_names, config.skip_nonfinite)
+        if log_now:
+          scalars = {}
+          if done % config.eval_every_steps == 0 or last:
+            scalars = evaluate(eval_fn, state, sources["eval"], config,
+                               batch_sharding)
+          log.write(done, scalars)
+        if save or stop:
+          ckpt.save(done, state, train_iter)
+        if stop:
+          logging.warning("preempted: saved step %d, exiting", done)
+          break
     finally:
+      preempted.restore()
       ckpt.close()
-      writer.close()
-  logging.info("finished %d steps in %.1fs", config.num_train_steps,
-               time.time() - t0)
-  return last
+      log.close()
+  return log.last
+
+
+class _Preemption:
+  """SIGTERM (what schedulers and TPU maintenance send) asks for a checkpoint
+  at the current step. Multi-process runs agree on the step through JAX's
+  preemption sync point, which watches SIGTERM itself."""
+
+  def __init__(self):
+    self.multi = jax.process_count() > 1
+    self.signalled = False
+    self._previous = None
+    if not self.multi:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self.multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.signalled
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Logger:
+  """Averages step metrics over a logging window; writes them with
+  throughput, learning rate and eval metrics; shows progress and ETA."""
+
+  def __init__(self, config, workdir, start, schedule, flops_per_step):
+    self.config, self.schedule, self.flops = config, schedule, flops_per_step
+    self.writer = MetricsWriter(workdir, resume_step=start)
+    self.window, self.start_time, self.last = [], time.time(), {}
+    self.checked = 0  # window entries already checked for finiteness
+    self.skipped = 0
+
+  def add(self, step, metrics):
+    self.window.append((step, metrics))
+
+  def check_finite(self, param_names, skip: bool):
+    """Raises at the first non-finite step in the window (or counts skips)."""
+    unchecked, self.checked = self.window[self.checked:], len(self.window)
+    for step, m in unchecked:
+      if bool(m["finite"]):
+        continue
+      if skip:
+        self.skipped += 1
+        logging.warning("step %d: non-finite loss or gradient; update "
+                        "skipped", step)
+        continue
+      if not np.isfinite(float(m["loss"])):
+        what = "loss"
+      else:
+        bad = np.flatnonzero(~np.asarray(m["grads_finite"]))[0]
+        what = f"gradient of {param_names[bad]}"
+      raise NonFiniteError(f"step {step}: non-finite {what}; stopping (the "
+                           "last checkpoint is kept)")
+
+  def write(self, step, eval_scalars):
+    c = self.config
+    rows = jax.device_get([m for _, m in self.window])
+    keys = [k for k in rows[0] if k not in ("finite", "grads_finite")]
+    scalars = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    steps_per_s = len(rows) / (time.time() - self.start_time)
+    scalars.update(
+        learning_rate=float(self.schedule(step - 1)),
+        tokens_per_s=steps_per_s * c.batch_size * c.data.seq_len,
+        tflops_per_s=steps_per_s * self.flops * jax.device_count() / 1e12,
+        skipped_updates=float(self.skipped))
+    if c.peak_tflops_per_device > 0:
+      scalars["mfu"] = scalars["tflops_per_s"] / (
+          c.peak_tflops_per_device * jax.device_count())
+    scalars.update({f"eval_{k}": v for k, v in eval_scalars.items()})
+    eta = (c.num_train_steps - step) / steps_per_s
+    logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0fs%s", step,
+                 c.num_train_steps, scalars["loss"], scalars["tokens_per_s"],
+                 eta, "".join(f"  {k} {v:.4f}" for k, v in scalars.items()
+                              if k.startswith("eval_")))
+    self.writer.write(step, scalars)
+    self.last = scalars
+    self.window, self.checked, self.start_time = [], 0, time.time()
+
+  def close(self):
+    self.writer.close()
 
 
 def evaluate(eval_fn, state, source, config, batch_sharding):
-  """Mean metrics over the eval split, keys prefixed with "eval_"."""
+  """Mean metrics over the eval split."""
   rows = [eval_fn(state, sharding.global_batch(b, batch_sharding))
           for b in pipeline.eval_batches(source, global_batch=config.batch_size)]
   if not rows:
     raise ValueError(f"the eval split has fewer examples than batch_size="
                      f"{config.batch_size}")
-  return {f"eval_{k}": v for k, v in _mean_metrics(rows).items()}
+  rows = jax.device_get(rows)
+  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file "
@@ -247,7 +367,11 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except flags.Error as e:
     print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except AttributeError as e:  # ml_collections: an override of no such key
+    key = str(e).strip("\"'")
+    print(f"config error: no config key {key!r}; see the config file for the "
+          "valid keys", file=sys.stderr)
+  sys.exit(2)
 
 
 def _quiet_orbax(record) -> bool:
@@ -271,7 +395,11 @@ def main(argv):
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except NonFiniteError as e:
+    logging.error("%s", e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

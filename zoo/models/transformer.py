@@ -80,7 +80,7 @@ class TransformerLM(nnx.Module):
     correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["targets"]
     total = jnp.maximum(weights_BxT.sum(), 1.0)
     loss = (xent_BxT * weights_BxT).sum() / total
-    return loss, {"loss": loss,
+    return loss, {"loss": loss, "bits_per_token": loss / jnp.log(2.0),
                   "accuracy": (correct_BxT * weights_BxT).sum() / total}
 
 
