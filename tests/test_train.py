@@ -91,7 +91,14 @@ def _cli(workdir, *overrides):
     ("--config.model.num_heads=3", "embed_dim=64 must be divisible"),
     ("--config.mesh.data=3", "mesh"),
     ("--config.model.dtype=float8", "model.dtype='float8'; valid: float32"),
-    ("--config.no_such_key=1", "config error"),
+    ("--config.no_such_key=1", "no config key 'no_such_key'"),
+    ("--config.model.position=learned(max_len=8)", "learned(max_len=8) is "
+     "shorter than the sequence length 64"),
+    ("--config.data.task=text(path='/no/such/file.txt')", "data.task: task "
+     "text(path='/no/such/file.txt'): no file matches"),
+    ("--config.model.num_kv_heads=3", "num_heads=4 must be divisible by "
+     "model.num_kv_heads=3"),
+    ("--config.batch_size=0", "batch_size=0 must be >= 1"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
@@ -99,3 +106,16 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr
   assert not workdir.exists()
+
+
+def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
+  workdir = tmp_path / "run"
+  tiny_config.num_train_steps = 5
+  train.train_and_evaluate(tiny_config, str(workdir))
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  tiny_config.model.mlp_dim = 48
+  with pytest.raises(train.ConfigError, match=r"parameter trunk/blocks/0/"
+                     r"mlp/down/kernel of shape \(64, 32\), this config makes "
+                     r"\(48, 32\)"):
+    train.train_and_evaluate(tiny_config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before

@@ -85,3 +85,37 @@ class Checkpointer:
     """Waits for pending writes."""
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def mismatch(directory: str, abstract_params) -> str | None:
+  """Why the newest checkpoint in `directory` cannot hold `abstract_params`
+  (the model's nnx.State of shapes), or None. Reads metadata only and writes
+  nothing; a directory without checkpoints matches anything."""
+  if not os.path.isdir(directory):
+    return None
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True,
+                                                      create=False),
+      item_handlers={"state": ocp.StandardCheckpointHandler()})
+  step = manager.latest_step()
+  if step is None:
+    return None
+  try:
+    saved_tree = manager.item_metadata(step)["state"]["0"]
+  except Exception:  # noqa: BLE001 - damaged: restore() falls back later
+    return None
+  saved = _shapes(saved_tree)
+  wanted = _shapes(nnx.to_pure_dict(abstract_params))
+  for name in sorted(set(saved) | set(wanted)):
+    if saved.get(name) != wanted.get(name):
+      return (f"the checkpoint at step {step} in {directory} has parameter "
+              f"{name} of shape {saved.get(name, 'absent')}, this config "
+              f"makes {wanted.get(name, 'absent')}; use a new workdir or the "
+              "config that wrote it")
+  return None
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+          tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

@@ -24,8 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from zoo import registry, sharding
-from zoo.checkpoint import Checkpointer
+from zoo import checkpoint, registry, sharding
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
 
@@ -51,9 +50,10 @@ def _dtype(key: str, value: str):
   return _DTYPES[value]
 
 
-def plan(config) -> Plan:
-  """Checks the whole config and resolves its parts; raises ConfigError
-  naming the key and the valid values. Computes and writes nothing."""
+def plan(config, workdir: str | None = None) -> Plan:
+  """Checks the whole config (and that `workdir`'s checkpoints, if any, fit
+  its model) and resolves its parts; raises ConfigError naming the key and
+  the valid values. Computes and writes nothing."""
   m = config.model
   try:
     task = registry.build("task", config.data.task, seq_len=config.data.seq_len)
@@ -85,9 +85,14 @@ def plan(config) -> Plan:
         rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype)
 
   try:
-    nnx.eval_shape(model_fn)  # shapes only: catches incompatible parts
+    abstract_model = nnx.eval_shape(model_fn)  # catches incompatible parts
   except ValueError as e:
     raise ConfigError(f"model: {e}") from None
+  if workdir:
+    why = checkpoint.mismatch(os.path.join(workdir, "checkpoints"),
+                              nnx.state(abstract_model))
+    if why:
+      raise ConfigError(f"workdir: {why}")
   try:
     shape = sharding.mesh_shape(dict(config.mesh), jax.device_count())
   except ValueError as e:
@@ -145,7 +150,7 @@ def restore_model(config, workdir: str):
   mesh = sharding.make_mesh(dict(config.mesh))
   axis_rules = sharding.rules()
   s = setup(config, p, mesh, axis_rules, make_optimizer(config)[0])
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     state, step = ckpt.restore(s.abstract_state)
   ckpt.close()
@@ -165,14 +170,15 @@ def _make_train_step(graphdef):
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
     grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
+    old_leaves = jax.tree.leaves(state)  # arrays; merge shares Variables
     (loss, metrics), grads = grad_fn(model)
     grads_finite = jnp.stack([jnp.isfinite(g).all()
                               for g in jax.tree.leaves(grads)])
     finite = jnp.isfinite(loss) & grads_finite.all()
     optimizer.update(model, grads)
-    new_state = nnx.state((model, optimizer))
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state,
-                             state)
+    new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+    new_state = jax.tree.unflatten(treedef, [
+        jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
     metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
                    grads_finite=grads_finite)
     return new_state, metrics
@@ -186,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   the current step and returns; a non-finite loss or gradient raises
   NonFiniteError naming the step (or, with `config.skip_nonfinite`, skips
   that update and counts it)."""
-  p = plan(config)
+  p = plan(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   axis_rules = sharding.rules()
   sources = p.task.sources(config.data.dir or None)
@@ -201,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                       max_to_keep=config.max_checkpoints_to_keep)
   train_iter = pipeline.train_iterator(sources["train"],
                                        global_batch=config.batch_size,
@@ -313,6 +319,7 @@ class _Logger:
   def write(self, step, eval_scalars):
     c = self.config
     rows = jax.device_get([m for _, m in self.window])
+    rows = [r for r in rows if r["finite"]] or rows  # skipped steps left out
     keys = [k for k in rows[0] if k not in ("finite", "grads_finite")]
     scalars = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     steps_per_s = len(rows) / (time.time() - self.start_time)
@@ -391,7 +398,7 @@ def main(argv):
         num_processes=_NUM_PROCESSES.value or None,
         process_id=_PROCESS_ID.value if _COORDINATOR.value else None)
   try:
-    plan(_CONFIG.value)
+    plan(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
