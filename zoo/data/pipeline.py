@@ -1,6 +1,8 @@
-"""grain pipelines: each process reads its own shard, shuffled with a seed,
-batched to its slice of the global batch. The training iterator's state
-(`get_state`/`set_state`) is saved with each checkpoint."""
+"""grain pipelines. Every process shuffles the same global order (one seed)
+and takes every `process_count`-th element from its own offset, so a global
+batch holds the same examples whatever the number of processes (only their
+row order differs). The training iterator's state (`get_state`/`set_state`)
+is saved with each checkpoint."""
 
 import grain
 import jax
@@ -14,19 +16,20 @@ def _local_batch(global_batch: int) -> int:
   return global_batch // count
 
 
+def _this_process(ds):
+  return ds[jax.process_index()::jax.process_count()]
+
+
 def train_iterator(source, *, global_batch: int, seed: int):
-  """Endless shuffled batches of this process's shard (reshuffled each
+  """Endless shuffled batches of this process's share (reshuffled each
   epoch); a checkpointable grain DatasetIterator."""
-  ds = grain.MapDataset.source(source)
-  ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.seed(seed).shuffle().repeat(None)
-  ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  ds = _this_process(ds).batch(_local_batch(global_batch), drop_remainder=True)
   return iter(ds.to_iter_dataset())
 
 
 def eval_batches(source, *, global_batch: int):
-  """One pass over this process's shard in full batches (a remainder smaller
+  """One pass over this process's share in full batches (a remainder smaller
   than a batch is left out, so every process runs the same steps)."""
-  ds = grain.MapDataset.source(source)
-  ds = ds[jax.process_index()::jax.process_count()]
+  ds = _this_process(grain.MapDataset.source(source))
   return ds.batch(_local_batch(global_batch), drop_remainder=True)
