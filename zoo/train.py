@@ -356,17 +356,20 @@ def evaluate(eval_fn, state, source, config, batch_sharding):
   return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file "
-                                          "(Python, with get_config()).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes "
-                               "from its checkpoints).")
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0 for multi-process "
-    "runs; on TPU VMs leave unset and pass --num_processes=0 to let JAX "
-    "discover the slice.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the "
-                                      "run; 0 = discovered by JAX.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+def _define_flags():
+  """Command-line flags; defined only when run as a program, so importing
+  zoo.train (from experiments or user code) defines none."""
+  config_flags.DEFINE_config_file("config", None, "Config file (Python, "
+                                  "with get_config()).")
+  flags.DEFINE_string("workdir", None, "Run directory (resumes from its "
+                      "checkpoints).")
+  flags.DEFINE_string(
+      "coordinator_address", None, "host:port of process 0 for "
+      "multi-process runs; on TPU VMs leave unset and pass --num_processes=0 "
+      "to let JAX discover the slice.")
+  flags.DEFINE_integer("num_processes", 1, "Processes in the run; 0 = "
+                       "discovered by JAX.")
+  flags.DEFINE_integer("process_id", 0, "This process's index.")
 
 
 def _parse_flags(argv):
@@ -389,25 +392,27 @@ def _quiet_orbax(record) -> bool:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  if _CONFIG.value is None or not _WORKDIR.value:
+  f = flags.FLAGS
+  if f.config is None or not f.workdir:
     print("config error: --config and --workdir are required", file=sys.stderr)
     sys.exit(2)
-  if _COORDINATOR.value or _NUM_PROCESSES.value != 1:
+  if f.coordinator_address or f.num_processes != 1:
     jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value or None,
-        process_id=_PROCESS_ID.value if _COORDINATOR.value else None)
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes or None,
+        process_id=f.process_id if f.coordinator_address else None)
   try:
-    plan(_CONFIG.value, _WORKDIR.value)
+    plan(f.config, f.workdir)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_and_evaluate(f.config, f.workdir)
   except NonFiniteError as e:
     logging.error("%s", e)
     sys.exit(1)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -1,0 +1,181 @@
+"""Time and memory of every registered attention op against sequence length.
+
+For each op: forward and forward+backward wall time (median of --repeats runs
+after a warm-up) and peak memory (XLA's buffer assignment for the compiled
+program: arguments + outputs + temporaries), batch 1, 4 heads, head_dim 64,
+causal. Fits the growth exponent (log-log slope) over lengths >= 1024.
+Writes RESULTS.md, raw.json and cost.png under
+experiments/results/attention_cost/.
+
+  python -m experiments.attention_cost                    # CPU default
+  python -m experiments.attention_cost --lengths=1024,4096,16384,65536  # GPU
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import report
+from zoo import registry
+
+_LENGTHS = flags.DEFINE_list(
+    "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"],
+    "Sequence lengths.")
+_OPS = flags.DEFINE_list("ops", [], "Attention specs (default: every "
+                         "registered op with default arguments).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point.")
+_DENSE_MAX = flags.DEFINE_integer(
+    "dense_max_len", 8192, "Longest length for ops that build the full "
+    "score matrix (standard, xla).")
+_MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", 4.0, "Points whose "
+                                   "compiled program needs more are skipped.")
+_TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's "
+                           "scaled_dot_product_attention (if installed).")
+_OUT = flags.DEFINE_string("out", "", "Output folder (default "
+                           "experiments/results/attention_cost).")
+
+HEADS, HEAD_DIM = 4, 64
+DENSE = ("standard", "xla")
+
+
+def _inputs(t, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(0), 3)
+  return [jax.random.normal(k, (1, t, HEADS, HEAD_DIM), dtype) for k in keys]
+
+
+def _median_seconds(fn, args, repeats):
+  jax.block_until_ready(fn(*args))  # warm-up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def _peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def measure(spec: str, t: int, repeats: int, limit: float):
+  op = registry.build("attention", spec)
+  forward = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
+  cotangent = jax.random.normal(jax.random.key(1), (1, t, HEADS, HEAD_DIM))
+  both = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
+      op(q, k, v, causal=True), cotangent), argnums=(0, 1, 2)))
+  args = _inputs(t)
+  row = {"op": spec, "length": t}
+  for name, fn in (("forward", forward), ("forward_backward", both)):
+    compiled = fn.lower(*args).compile()
+    row[f"{name}_bytes"] = _peak_bytes(compiled)
+    if row[f"{name}_bytes"] > limit * 2**30:
+      row[f"{name}_s"] = None
+      continue
+    row[f"{name}_s"] = _median_seconds(compiled, args, repeats)
+  return row
+
+
+def measure_torch(t: int, repeats: int):
+  import torch  # optional, only with --torch
+  import torch.nn.functional as F
+  q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM, requires_grad=True)
+             for _ in range(3))
+  grad = torch.randn(1, HEADS, t, HEAD_DIM)
+
+  def run():
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.backward(grad)
+
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return {"op": "torch_sdpa", "length": t,
+          "forward_backward_s": float(np.median(times))}
+
+
+def exponent(rows, key):
+  pts = [(r["length"], r[key]) for r in rows
+         if r.get(key) and r["length"] >= 1024]
+  if len(pts) < 2:
+    return None
+  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+  return float(np.polyfit(x, y, 1)[0])
+
+
+def main(argv):
+  del argv
+  specs = _OPS.value or registry.names("attention")
+  lengths = [int(t) for t in _LENGTHS.value]
+  rows = []
+  for spec in specs:
+    for t in lengths:
+      if registry.parse(spec)[0] in DENSE and t > _DENSE_MAX.value:
+        continue
+      rows.append(measure(spec, t, _REPEATS.value, _MEMORY_LIMIT.value))
+      print(rows[-1], flush=True)
+  if _TORCH.value:
+    for t in lengths:
+      rows.append(measure_torch(t, _REPEATS.value))
+      print(rows[-1], flush=True)
+  summary = []
+  for spec in specs + (["torch_sdpa"] if _TORCH.value else []):
+    mine = [r for r in rows if r["op"] == spec]
+    summary.append({
+        "op": spec,
+        "time_exponent": exponent(mine, "forward_backward_s"),
+        "memory_exponent": exponent(mine, "forward_backward_bytes"),
+        **{f"fwd_bwd_s@{r['length']}": r.get("forward_backward_s")
+           for r in mine}})
+  _write(rows, summary, lengths)
+
+
+def _write(rows, summary, lengths):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  folder = report.results_dir("attention_cost", _OUT.value)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for s in summary:
+    mine = [r for r in rows if r["op"] == s["op"]]
+    for ax, key in zip(axes, ("forward_backward_s", "forward_backward_bytes")):
+      pts = [(r["length"], r[key]) for r in mine if r.get(key)]
+      if pts:
+        ax.loglog(*zip(*pts), marker="o", label=s["op"])
+  axes[0].set(xlabel="sequence length", ylabel="causal fwd+bwd seconds")
+  axes[1].set(xlabel="sequence length", ylabel="peak bytes (XLA)")
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle(f"attention cost on {jax.devices()[0].device_kind} "
+               f"(batch 1, {HEADS} heads, head_dim {HEAD_DIM}, causal)")
+  fig.tight_layout()
+  fig.savefig(f"{folder}/cost.png", dpi=110)
+  header = ["op", "time exponent", "memory exponent"] + [
+      f"fwd+bwd s @{t}" for t in lengths]
+  table = report.markdown_table(header, [
+      [s["op"], s["time_exponent"] or "-", s["memory_exponent"] or "-"]
+      + [s.get(f"fwd_bwd_s@{t}") or "-" for t in lengths] for s in summary])
+  detail = report.markdown_table(
+      ["op", "length", "fwd s", "fwd+bwd s", "fwd+bwd peak MiB"],
+      [[r["op"], r["length"], r.get("forward_s") or "-",
+        r.get("forward_backward_s") or "-",
+        (r["forward_backward_bytes"] / 2**20
+         if r.get("forward_backward_bytes") else "-")] for r in rows])
+  body = (f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}. "
+          "Exponents are log-log slopes over lengths >= 1024; '-' = not "
+          "run (dense ops past --dense_max_len, or over the memory limit)."
+          f"\n\n{table}\n\n![cost](cost.png)\n\n## All points\n\n{detail}\n")
+  report.write("attention_cost", "Attention cost against sequence length",
+               body, {"rows": rows, "summary": summary}, _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
