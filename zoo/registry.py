@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import textwrap
 import typing
 from typing import Any, Callable
 
@@ -192,8 +193,11 @@ def main():
   for kind in KINDS:
     print(f"[{kind}]")
     for name in names(kind):
-      doc = (inspect.getdoc(get(kind, name)) or "").split("\n")[0]
-      print(f"  {describe(kind, name)}\n      {doc}")
+      doc = " ".join((inspect.getdoc(get(kind, name)) or "").split("\n\n")[0]
+                     .split())
+      print(f"  {describe(kind, name)}")
+      print(textwrap.fill(doc, 79, initial_indent=" " * 6,
+                          subsequent_indent=" " * 6))
   positions = names("position")
   width = max(map(len, positions)) + 1
   print("\n[attention x position]  (masks: causal, padding [batch, kv_len]; "
