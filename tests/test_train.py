@@ -99,10 +99,16 @@ def _cli(workdir, *overrides):
     ("--config.model.num_kv_heads=3", "num_heads=4 must be divisible by "
      "model.num_kv_heads=3"),
     ("--config.batch_size=0", "batch_size=0 must be >= 1"),
+    ("--config.model.attention=local(window=0)", "model.attention: attention "
+     "local(window=...) must be"),
+    ("--config.model.attention=blockwise(block_q=0)", "model.attention: "
+     "attention blockwise(block_q=...) must be >= 1"),
+    ("--config.model.position=alibi --config.model.attention=linear",
+     "attention 'linear' cannot take position 'alibi'"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
-  result = _cli(workdir, override)
+  result = _cli(workdir, *override.split())
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr
   assert not workdir.exists()

@@ -59,11 +59,14 @@ def plan(config, workdir: str | None = None) -> Plan:
     task = registry.build("task", config.data.task, seq_len=config.data.seq_len)
   except ValueError as e:
     raise ConfigError(f"data.task: {e}") from None
-  for key in ("attention", "position"):
-    try:
-      registry.validate(key, m[key])
-    except ValueError as e:
-      raise ConfigError(f"model.{key}: {e}") from None
+  try:
+    registry.build("attention", m.attention)  # checks argument values too
+  except ValueError as e:
+    raise ConfigError(f"model.attention: {e}") from None
+  try:
+    registry.validate("position", m.position)
+  except ValueError as e:
+    raise ConfigError(f"model.position: {e}") from None
   for key in ("num_layers", "num_heads", "num_kv_heads", "embed_dim",
               "mlp_dim"):
     if m[key] < 1:

@@ -1,0 +1,182 @@
+"""Blockwise attention against the dense op with an explicit mask: values and
+gradients, with blocks small enough that every case spans several of them."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import registry
+
+SMALL = "blockwise(block_q=4, block_k=3)"
+
+
+def random_qkv(seed, b=2, t=11, s=11, h=4, g=2, d=8):
+  """Standard normal q BxTxHxK, k and v BxSxGxK (numpy: no compiles)."""
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((b, t, h, d), np.float32),
+          rng.standard_normal((b, s, g, d), np.float32),
+          rng.standard_normal((b, s, g, d), np.float32))
+
+
+def allowed_mask(b, t, s, causal, lengths=None):
+  """BxTxS numpy bool: end-aligned causal triangle and key padding."""
+  allowed = np.ones((b, t, s), bool)
+  if causal:
+    allowed &= np.arange(s)[None, :] <= np.arange(s - t, s)[:, None]
+  if lengths is not None:
+    allowed &= (np.arange(s)[None, :] < np.asarray(lengths)[:, None])[:, None]
+  return allowed
+
+
+def value_and_grads(op, q, k, v, **kwargs):
+  """Sum of outputs times a fixed random cotangent, and its gradients."""
+  cotangent = np.random.default_rng(99).standard_normal(q.shape, np.float32)
+
+  def loss(q, k, v):
+    return jnp.sum(op(q, k, v, **kwargs).astype(jnp.float32) * cotangent)
+
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def assert_matches_reference(q, k, v, allowed, *, causal, mask=None,
+                             bias=None, spec=SMALL):
+  """Outputs and gradients of `spec` equal the dense op's under `allowed`."""
+  op = registry.build("attention", spec)
+  ref = registry.build("attention", "standard")
+
+  @jax.jit
+  def both(q, k, v):
+    got = op(q, k, v, causal=causal, mask=mask, bias=bias)
+    want = ref(q, k, v, mask=jnp.asarray(allowed), bias=bias)
+    return (got, want,
+            value_and_grads(op, q, k, v, causal=causal, mask=mask, bias=bias),
+            value_and_grads(ref, q, k, v, mask=jnp.asarray(allowed),
+                            bias=bias))
+
+  got, want, (got_loss, got_grads), (want_loss, want_grads) = both(q, k, v)
+  np.testing.assert_allclose(got, want, atol=2e-5)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-5)
+  for got_grad, want_grad in zip(got_grads, want_grads):
+    np.testing.assert_allclose(got_grad, want_grad, atol=5e-5)
+  return got
+
+
+def alibi(slopes):
+  def bias(q_pos, k_pos):
+    return -slopes[:, None, None] * jnp.abs(q_pos[:, None] - k_pos[None, :])
+  return bias
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_matches_dense(causal, g):
+  q, k, v = random_qkv(0, g=g)
+  assert_matches_reference(q, k, v, allowed_mask(2, 11, 11, causal),
+                           causal=causal)
+
+
+@pytest.mark.parametrize("causal,t,s", [(True, 5, 11), (True, 11, 7),
+                                        (False, 11, 7)])
+def test_unequal_lengths_match_dense(causal, t, s):
+  # Causal with t > s leaves the first queries no key: zero output.
+  q, k, v = random_qkv(1, t=t, s=s)
+  assert_matches_reference(q, k, v, allowed_mask(2, t, s, causal),
+                           causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_padding_mask_and_bias_match_dense(causal):
+  q, k, v = random_qkv(2, b=3, t=7)
+  lengths = [11, 5, 0]  # the last sequence has no real key at all
+  pad_BxS = jnp.asarray(np.arange(11)[None, :] < np.array(lengths)[:, None])
+  bias = alibi(jnp.array([0.5, 0.25, 0.125, 0.0625]))
+  out = assert_matches_reference(q, k, v,
+                                 allowed_mask(3, 7, 11, causal, lengths),
+                                 causal=causal, mask=pad_BxS, bias=bias)
+  assert not np.asarray(out[2]).any()
+
+
+def test_bias_parameters_get_dense_gradients_under_jit():
+  # A learned bias (T5-style) needs gradients through the custom backward.
+  q, k, v = random_qkv(4)
+  slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])
+  pad_BxS = jnp.asarray(np.arange(11)[None, :] < np.array([11, 8])[:, None])
+  allowed = jnp.asarray(allowed_mask(2, 11, 11, True, [11, 8]))
+
+  def loss(name, slopes, q, k, v):
+    op = registry.build("attention", name)
+    if name == "standard":
+      out = op(q, k, v, mask=allowed, bias=alibi(slopes))
+    else:
+      out = op(q, k, v, causal=True, mask=pad_BxS, bias=alibi(slopes))
+    return jnp.sum(out * jnp.cos(q))
+
+  grad = jax.jit(jax.grad(loss, argnums=(1, 2, 3, 4)), static_argnums=0)
+  for got, want in zip(grad(SMALL, slopes, q, k, v),
+                       grad("standard", slopes, q, k, v)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=5e-5)
+
+
+def test_default_blocks_longer_than_sequence():
+  q, k, v = random_qkv(5, t=7, s=9)
+  assert_matches_reference(q, k, v, allowed_mask(2, 7, 9, True), causal=True,
+                           spec="blockwise")
+
+
+def test_bf16_inputs_give_bf16_close_to_fp32():
+  q, k, v = random_qkv(6)
+  op = registry.build("attention", SMALL)
+
+  @jax.jit
+  def run(q, k, v):
+    return op(q, k, v, causal=True), value_and_grads(op, q, k, v,
+                                                     causal=True)[1]
+
+  out, grads = run(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  want_out, want_grads = run(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  assert all(grad.dtype == jnp.bfloat16 for grad in grads)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=0.1)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.15)
+
+
+def test_causal_outputs_ignore_later_keys():
+  q, k, v = random_qkv(7)
+  op = jax.jit(functools.partial(registry.build("attention", SMALL),
+                                 causal=True))
+  noise_k, noise_v = random_qkv(8)[1:]
+  out = np.asarray(op(q, k, v))
+  for t in (0, 4, 9):
+    later = (np.arange(11) > t)[None, :, None, None]
+    perturbed = np.asarray(op(q, np.where(later, noise_k, k),
+                              np.where(later, noise_v, v)))
+    np.testing.assert_array_equal(out[:, :t + 1], perturbed[:, :t + 1])
+    assert not np.allclose(out[:, t + 1:], perturbed[:, t + 1:])
+
+
+def test_backward_memory_is_linear_in_length():
+  t = 2048
+  q, k, v = (jax.ShapeDtypeStruct((1, t, 1, 8), jnp.float32),) * 3
+  op = registry.build("attention", "blockwise(block_q=128, block_k=128)")
+  grad = jax.grad(lambda q, k, v: jnp.sum(op(q, k, v, causal=True)),
+                  argnums=(0, 1, 2))
+  temp = jax.jit(grad).lower(q, k, v).compile().memory_analysis()
+  assert temp.temp_size_in_bytes < t * t * 4 / 8  # a TxS fp32 matrix is 16 MiB
+
+
+@pytest.mark.parametrize("spec,name", [("blockwise(block_q=0)", "block_q"),
+                                       ("blockwise(block_k=-2)", "block_k")])
+def test_bad_arguments_are_refused(spec, name):
+  with pytest.raises(ValueError, match=name):
+    registry.build("attention", spec)
+
+
+def test_full_mask_is_refused():
+  q, k, v = random_qkv(9)
+  with pytest.raises(ValueError, match="mask must be bool"):
+    registry.build("attention", SMALL)(q, k, v,
+                                       mask=np.ones((2, 11, 11), bool))

@@ -1,0 +1,197 @@
+"""Linear attention against its quadratic form computed here in numpy, and
+the recurrent step against the chunked causal op."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo import registry
+
+B, T, H, G, D = 2, 13, 4, 2, 8
+
+
+def random_qkv(seed, t=T, s=T, g=G, dtype=jnp.float32):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (B, t, H, D), dtype),
+          jax.random.normal(kk, (B, s, g, D), dtype),
+          jax.random.normal(kv, (B, s, g, D), dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("op", "causal"))
+def _jit_call(op, q, k, v, mask, causal):
+  return op(q, k, v, causal=causal, mask=mask)
+
+
+def call(op, q, k, v, causal=False, mask=None):
+  if isinstance(op, str):
+    op = registry.build("attention", op)
+  return _jit_call(op, q, k, v, None if mask is None else jnp.asarray(mask),
+                   causal)
+
+
+def numpy_elu_features(x):
+  x = np.asarray(x, np.float64)
+  return np.where(x > 0, x + 1, np.exp(np.minimum(x, 0)))
+
+
+def numpy_quadratic(phi_q, phi_k, v, allowed):
+  """sum_s a_ts v_s / sum_s a_ts with a = phi(q) phi(k)^T masked by
+  `allowed` BxTxS; phi_q BxTxHxF, phi_k BxSxGxF, v BxSxGxK (float64)."""
+  phi_q, phi_k, v = (np.asarray(a, np.float64) for a in (phi_q, phi_k, v))
+  b, t, h, _ = phi_q.shape
+  g = phi_k.shape[2]
+  out = np.zeros((b, t, h, v.shape[-1]))
+  for bi in range(b):
+    for hi in range(h):
+      gi = hi // (h // g)
+      a = phi_q[bi, :, hi] @ phi_k[bi, :, gi].T * allowed[bi]
+      den = a.sum(axis=1, keepdims=True)
+      out[bi, :, hi] = np.where(den > 0, a @ v[bi, :, gi] / np.where(
+          den > 0, den, 1), 0)
+  return out
+
+
+def allowed_mask(t, s, causal, mask=None):
+  i = np.arange(s - t, s)[:, None]
+  ok = np.arange(s)[None, :] <= i if causal else np.ones((t, s), bool)
+  ok = np.broadcast_to(ok, (B, t, s))
+  return ok if mask is None else ok & mask[:, None, :]
+
+
+def key_mask(s=T):
+  """BxS padding mask; batch 1 also hides key 0, so its causal query 0 has
+  no key (zero output)."""
+  mask = np.random.default_rng(0).random((B, s)) < 0.7
+  mask[1, 0] = False
+  return mask
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 13, 64])
+@pytest.mark.parametrize("causal", [True, False])
+def test_elu_matches_quadratic_form(chunk, causal):
+  q, k, v = random_qkv(0)
+  mask = key_mask()
+  out = call(f"linear(chunk={chunk})", q, k, v, causal=causal, mask=mask)
+  ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
+                        allowed_mask(T, T, causal, mask))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+  if causal:
+    assert not np.asarray(out[1, 0]).any()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_favor_matches_quadratic_form_of_its_features(causal):
+  op = registry.build("attention", "linear(feature='favor', num_features=16, "
+                      "chunk=4)")
+  q, k, v = random_qkv(1)
+  mask = key_mask()
+  out = call(op, q, k, v, causal=causal, mask=mask)
+  ref = numpy_quadratic(op.features(q), op.features(k), v,
+                        allowed_mask(T, T, causal, mask))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("t,s", [(5, 13), (13, 5)])
+def test_causal_unequal_lengths_are_end_aligned(t, s):
+  q, k, v = random_qkv(2, t=t, s=s)
+  out = call("linear(chunk=4)", q, k, v, causal=True)
+  ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
+                        allowed_mask(t, s, True))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("spec", ["linear(chunk=4)",
+                                  "linear(feature='favor', chunk=5)"])
+def test_recurrent_steps_equal_causal_op(spec):
+  """A transformer is an RNN: token-by-token steps over a state of size
+  kv_heads x F x K give the causal op's outputs."""
+  op = registry.build("attention", spec)
+  q, k, v = random_qkv(3)
+  state = op.init_state(B, G, op.feature_dim(D), D)
+
+  def body(state, qkv_t):
+    return op.step(state, *qkv_t)
+
+  state, out_TxBxHxK = jax.lax.scan(
+      body, state, tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v)))
+  assert state[0].shape == (B, G, op.feature_dim(D), D)
+  np.testing.assert_allclose(jnp.swapaxes(out_TxBxHxK, 0, 1),
+                             call(op, q, k, v, causal=True), atol=2e-5)
+
+
+def test_favor_features_are_positive_and_deterministic_under_seed():
+  favor = lambda seed: registry.build(
+      "attention", f"linear(feature='favor', num_features=12, seed={seed})")
+  x = jax.random.normal(jax.random.key(4), (3, 5, D))
+  phi = favor(0).features(x)
+  assert phi.shape == (3, 5, 12)
+  assert (np.asarray(phi) > 0).all()
+  np.testing.assert_array_equal(phi, favor(0).features(x))
+  assert not np.allclose(phi, favor(1).features(x))
+  # Orthogonal blocks: rows within each block of D are orthogonal.
+  w = favor(0).projection(D)
+  gram = w[:D] @ w[:D].T
+  np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-4)
+
+
+def test_favor_estimates_the_softmax_kernel():
+  """E[phi(q).phi(k)] = exp(q.k / sqrt(K)): with many features the estimate
+  is close (about 1%; biased orthogonal blocks, e.g. an unsigned QR, give
+  7% or more)."""
+  op = registry.build("attention", "linear(feature='favor', num_features=8192)")
+  x = 0.3 * np.random.default_rng(1).standard_normal((6, D))
+  estimate = np.asarray(op.features(x) @ op.features(x).T, np.float64)
+  exact = np.exp(x @ x.T / np.sqrt(D))
+  np.testing.assert_allclose(estimate, exact, rtol=0.04)
+
+
+@pytest.mark.parametrize("spec", ["linear(chunk=4)",
+                                  "linear(feature='favor', chunk=4)"])
+def test_causal_outputs_ignore_later_keys(spec):
+  q, k, v = random_qkv(5)
+  noise = jax.random.normal(jax.random.key(6), k.shape)
+  later = (jnp.arange(T) > 5)[None, :, None, None]
+  out = call(spec, q, k, v, causal=True)
+  moved = call(spec, q, jnp.where(later, k + noise, k),
+               jnp.where(later, v - noise, v), causal=True)
+  np.testing.assert_array_equal(out[:, :6], moved[:, :6])
+
+
+@pytest.mark.parametrize("g", [4, 1])
+def test_grouped_query_attention(g):
+  q, k, v = random_qkv(7, g=g)
+  out = call("linear(chunk=4)", q, k, v, causal=True)
+  ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
+                        allowed_mask(T, T, True))
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def test_bf16_inputs_give_bf16_close_to_fp32():
+  q, k, v = random_qkv(8)
+  out = call("linear(chunk=4)", *(a.astype(jnp.bfloat16) for a in (q, k, v)),
+             causal=True)
+  assert out.dtype == jnp.bfloat16
+  ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
+                        allowed_mask(T, T, True))
+  np.testing.assert_allclose(out.astype(np.float32), ref, atol=0.1)
+
+
+def test_bias_is_refused():
+  q, k, v = random_qkv(9)
+  with pytest.raises(ValueError, match="cannot take an additive position bias"):
+    registry.build("attention", "linear")(
+        q, k, v, bias=lambda q_pos, k_pos: jnp.zeros((H, T, T)))
+
+
+@pytest.mark.parametrize("spec,arg", [
+    ("linear(feature='relu')", "feature"),
+    ("linear(num_features=0)", "num_features"),
+    ("linear(chunk=0)", "chunk"),
+    ("linear(seed=-1)", "seed"),
+])
+def test_bad_arguments_are_refused(spec, arg):
+  with pytest.raises(ValueError, match=rf"\({arg}="):
+    registry.build("attention", spec)

@@ -1,0 +1,292 @@
+"""Sparse attention computed on blocks: the Sparse Transformer's strided and
+fixed patterns (Child et al. 2019) and BigBird's global + window + random
+blocks (Zaheer et al. 2020).
+
+The sequence is cut into blocks of `block` positions (padded up internally).
+A pattern is a union of disjoint parts (a band of neighbouring blocks,
+strided columns, summary positions, gathered blocks); each part gathers only
+the keys it covers, so every visible key is counted once, and the parts'
+softmax terms are merged by their maxima and sums as in blockwise attention.
+Cost grows with the keys a query sees, never with a dense T x S matrix. Both
+ops need q_len == kv_len.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zoo import registry
+from zoo.attention.base import AttentionOp
+
+
+def _to_blocks(name, q, k, v, mask, block):
+  """Pads the length to N x L (L = block) and splits it into blocks.
+
+  Returns q BxNxLxGxRxK (fp32, scaled by 1/sqrt(K)), k and v BxNxLxGxK
+  (fp32), and valid_BxNxL: True on real, unmasked keys.
+  """
+  b, t, h, d = q.shape
+  s, g = k.shape[1], k.shape[2]
+  if s != t:
+    raise ValueError(
+        f"attention {name} needs q_len == kv_len; got {t} and {s}")
+  n = -(-t // block)
+  pad = ((0, 0), (0, n * block - t), (0, 0), (0, 0))
+  q = jnp.pad(q.astype(jnp.float32) / np.sqrt(d), pad)
+  k, v = (jnp.pad(a.astype(jnp.float32), pad).reshape(b, n, block, g, d)
+          for a in (k, v))
+  valid_BxS = jnp.ones((b, t), bool) if mask is None else mask
+  valid_BxNxL = jnp.pad(valid_BxS, ((0, 0), (0, n * block - t)))
+  return (q.reshape(b, n, block, g, h // g, d), k, v,
+          valid_BxNxL.reshape(b, n, block))
+
+
+def _from_blocks(out_BxNxLxGxRxK, t, dtype):
+  b, n, l, g, r, d = out_BxNxLxGxRxK.shape
+  return out_BxNxLxGxRxK.reshape(b, n * l, g * r, d)[:, :t].astype(dtype)
+
+
+def _part(q_BxNxLxGxRxK, k, v, keys, allowed, bias):
+  """Softmax terms of one part of a pattern.
+
+  `keys` gives k's and v's layout in einsum letters, with m the key axis
+  (`bnmgk`: keys per query block; `bmlgk`: strided columns; `bmgk`: keys
+  shared by all queries). `allowed` and `bias` broadcast to the logits
+  BxNxLxGxRxM. Returns the unnormalised output BxNxLxGxRxK, the max and the
+  sum of exp(logit - max) (max is -inf where no key is allowed).
+  """
+  logits = jnp.einsum(f"bnlgrk,{keys}->bnlgrm", q_BxNxLxGxRxK, k)
+  if bias is not None:
+    logits = logits + bias
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+  weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)[..., None])
+  out = jnp.einsum(f"bnlgrm,{keys}->bnlgrk", weights, v)
+  return out, top, jnp.sum(weights, axis=-1)
+
+
+def _merge(*parts):
+  """One softmax over the union of disjoint parts; zero where none has a key."""
+  top = parts[0][1]
+  for _, part_top, _ in parts[1:]:
+    top = jnp.maximum(top, part_top)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  num, den = 0.0, 0.0
+  for out, part_top, total in parts:
+    scale = jnp.exp(part_top - top)
+    num = num + scale[..., None] * out
+    den = den + scale * total
+  return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _block_bias(bias, q_pos_AxX, k_pos_AxY, perm, g):
+  """`bias` evaluated per row A of positions, AxHxXxY, transposed by `perm`
+  to NxLxHxM and split to NxLxGxRxM (broadcasts over batch)."""
+  bias_AxHxXxY = jax.vmap(bias)(jnp.asarray(q_pos_AxX), jnp.asarray(k_pos_AxY))
+  out_NxLxHxM = jnp.transpose(bias_AxHxXxY.astype(jnp.float32), perm)
+  n, l, h, m = out_NxLxHxM.shape
+  return out_NxLxHxM.reshape(n, l, g, h // g, m)
+
+
+def _shifted(x_BxNxL, offsets):
+  """Concatenates blocks n + o for o in offsets along axis 2, zero (False)
+  beyond the ends: the keys of neighbouring blocks, BxNx(len(offsets)*L)."""
+  n = x_BxNxL.shape[1]
+  parts = []
+  for o in offsets:
+    pad = [(0, 0)] * x_BxNxL.ndim
+    pad[1] = (max(-o, 0), max(o, 0))
+    parts.append(jnp.pad(x_BxNxL, pad)[:, max(o, 0):max(o, 0) + n])
+  return jnp.concatenate(parts, axis=2)
+
+
+@registry.register("attention", "sparse")
+@dataclasses.dataclass(frozen=True)
+class Sparse(AttentionOp):
+  """Sparse Transformer patterns (Child et al. 2019) on blocks of l = block.
+
+  Query i sees key j (positions 0..T-1, T == S) when, for pattern
+  - "strided": i - j < l (the l most recent positions, i itself included)
+    or (i - j) % l == 0 (every l-th position: the strided column);
+  - "fixed": i // l == j // l (the same block) or j % l >= l - summary (the
+    last `summary` positions of every block).
+  Causal keeps the pairs with j <= i; bidirectional is the symmetric
+  pattern: |i - j| < l or (i - j) % l == 0 for strided, and the same block or
+  any block's summary positions for fixed. Keys per query: strided about
+  2l + T/l (3l bidirectional), fixed l + summary * T/l; the column and
+  summary parts grow as T/l, so cost is T x (l + T/l), about T^1.5 at
+  l ~ sqrt(T) and quadratic / l at a fixed l.
+  """
+
+  pattern: str = "strided"
+  block: int = 64
+  summary: int = 1
+
+  def __post_init__(self):
+    if self.pattern not in ("strided", "fixed"):
+      raise ValueError(
+          f"attention sparse(pattern=...) must be 'strided' or 'fixed'; "
+          f"got {self.pattern!r}")
+    if self.block < 1:
+      raise ValueError(
+          f"attention sparse(block=...) must be >= 1; got {self.block}")
+    if not 1 <= self.summary <= self.block:
+      raise ValueError(
+          f"attention sparse(summary=...) must be in 1..block={self.block}; "
+          f"got {self.summary}")
+
+  def attend(self, q, k, v, *, causal, mask, bias):
+    q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
+        "sparse", q, k, v, mask, self.block)
+    _, n, l, g, _, _ = q_BxNxLxGxRxK.shape
+    pos_NxL = np.arange(n * l).reshape(n, l)
+    blocks_n = np.arange(n)
+    later_NxN = blocks_n[None, :] < blocks_n[:, None]  # key block m < n
+    other_NxN = later_NxN if causal else blocks_n[None, :] != blocks_n[:, None]
+
+    # The band: neighbouring blocks' keys, masked to the local rule.
+    if self.pattern == "strided":
+      offsets = (-1, 0) if causal else (-1, 0, 1)
+    else:
+      offsets = (0,)
+    k_pos_NxM = np.concatenate([pos_NxL + o * l for o in offsets], axis=1)
+    rel_NxLxM = pos_NxL[:, :, None] - k_pos_NxM[:, None, :]
+    if self.pattern == "strided":
+      near_NxLxM = (rel_NxLxM < l) & (rel_NxLxM >= 0 if causal
+                                      else rel_NxLxM > -l)
+    else:
+      near_NxLxM = rel_NxLxM >= 0 if causal else np.ones_like(rel_NxLxM, bool)
+    allowed = near_NxLxM[None] & _shifted(valid_BxNxL, offsets)[:, :, None]
+    band = _part(
+        q_BxNxLxGxRxK, _shifted(k_BxNxLxGxK, offsets),
+        _shifted(v_BxNxLxGxK, offsets), "bnmgk",
+        allowed[:, :, :, None, None],
+        None if bias is None else _block_bias(bias, pos_NxL, k_pos_NxM,
+                                              (0, 2, 1, 3), g))
+
+    if self.pattern == "strided":
+      # Column l of block m, for every block m other than the query's own
+      # (that one is in the band, as are no other column keys).
+      allowed = (other_NxN[None, :, None, :]
+                 & jnp.transpose(valid_BxNxL, (0, 2, 1))[:, None])
+      far = _part(
+          q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, "bmlgk",
+          allowed[:, :, :, None, None],
+          None if bias is None else _block_bias(bias, pos_NxL.T, pos_NxL.T,
+                                                (2, 0, 1, 3), g))
+    else:
+      # The summary positions of every other block (the own block's are in
+      # the band).
+      c = self.summary
+      k_BxNCxGxK, v_BxNCxGxK = (
+          a[:, :, l - c:].reshape(a.shape[0], n * c, g, -1)
+          for a in (k_BxNxLxGxK, v_BxNxLxGxK))
+      summary_pos_NC = pos_NxL[:, l - c:].reshape(-1)
+      allowed_NxNC = np.repeat(other_NxN, c, axis=1)
+      allowed = (allowed_NxNC[None, :, None, :]
+                 & valid_BxNxL[:, :, l - c:].reshape(-1, 1, 1, n * c))
+      far = _part(
+          q_BxNxLxGxRxK, k_BxNCxGxK, v_BxNCxGxK, "bmgk",
+          allowed[:, :, :, None, None],
+          None if bias is None else _block_bias(
+              bias, pos_NxL.reshape(1, -1), summary_pos_NC[None],
+              (0, 2, 1, 3), g).reshape(n, l, g, -1, n * c))
+    return _from_blocks(_merge(band, far), q.shape[1], q.dtype)
+
+
+@registry.register("attention", "bigbird")
+@dataclasses.dataclass(frozen=True)
+class BigBird(AttentionOp):
+  """BigBird block-sparse attention (Zaheer et al. 2020) on blocks of `block`
+  positions; `block_layout` gives the NxN block pattern.
+
+  Bidirectional, query block n sees key blocks: the global blocks
+  0..num_global-1; the window n - (num_window - 1) // 2 .. n + num_window // 2;
+  and num_random blocks drawn without replacement from the rest (fewer when
+  fewer remain). The global query blocks see every block. Causal, query block
+  n sees the global blocks at or below n, the window n - num_window + 1 .. n,
+  and num_random blocks drawn from the rest of blocks 0..n-1; inside the
+  diagonal block, keys j <= i. The random draw is numpy's default_rng(seed),
+  row by row, at trace time. Keys per query: at most
+  block x (num_global + num_window + num_random), plus all keys for the
+  global queries (bidirectional).
+  """
+
+  block: int = 64
+  num_global: int = 1
+  num_window: int = 3
+  num_random: int = 2
+  seed: int = 0
+
+  def __post_init__(self):
+    for name, low in (("block", 1), ("num_global", 0), ("num_window", 1),
+                      ("num_random", 0), ("seed", 0)):
+      if getattr(self, name) < low:
+        raise ValueError(
+            f"attention bigbird({name}=...) must be >= {low}; "
+            f"got {getattr(self, name)}")
+
+  def block_layout(self, num_blocks: int, causal: bool) -> np.ndarray:
+    """NxN bool: which key blocks each query block attends."""
+    n = num_blocks
+    rng = np.random.default_rng(self.seed)
+    layout = np.zeros((n, n), bool)
+    layout[:, :self.num_global] = True
+    if not causal:
+      layout[:self.num_global] = True
+    for i in range(n):
+      if causal:
+        layout[i, max(i - self.num_window + 1, 0):i + 1] = True
+        free = np.flatnonzero(~layout[i, :i])
+      else:
+        low = i - (self.num_window - 1) // 2
+        layout[i, max(low, 0):low + self.num_window] = True
+        free = np.flatnonzero(~layout[i])
+      picks = min(self.num_random, free.size)
+      if picks:
+        layout[i, rng.choice(free, picks, replace=False)] = True
+    return layout & np.tri(n, dtype=bool) if causal else layout
+
+  def attend(self, q, k, v, *, causal, mask, bias):
+    q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
+        "bigbird", q, k, v, mask, self.block)
+    b, n, l, g, _, d = q_BxNxLxGxRxK.shape
+    pos_NxL = np.arange(n * l).reshape(n, l)
+    layout = self.block_layout(n, causal)
+    # Bidirectional global query blocks see every key: a dense part.
+    top = 0 if causal else min(self.num_global, n)
+    outs = []
+    if top:
+      allowed = valid_BxNxL.reshape(b, 1, 1, 1, 1, n * l)
+      outs.append(_merge(_part(
+          q_BxNxLxGxRxK[:, :top], k_BxNxLxGxK.reshape(b, n * l, g, d),
+          v_BxNxLxGxK.reshape(b, n * l, g, d), "bmgk", allowed,
+          None if bias is None else _block_bias(
+              bias, pos_NxL[:top].reshape(1, -1), pos_NxL.reshape(1, -1),
+              (0, 2, 1, 3), g).reshape(top, l, g, -1, n * l))))
+    if top < n:
+      rows = layout[top:]
+      width = rows.sum(axis=1).max()
+      idx_NxW = np.zeros((n - top, width), int)
+      used_NxW = np.zeros((n - top, width), bool)
+      for i, row in enumerate(rows):
+        cols = np.flatnonzero(row)
+        idx_NxW[i, :cols.size], used_NxW[i, :cols.size] = cols, True
+      k_pos_NxM = (idx_NxW[:, :, None] * l + np.arange(l)).reshape(n - top, -1)
+      q_pos_NxL = pos_NxL[top:]
+      ok_NxLxM = np.repeat(used_NxW, l, axis=1)[:, None, :]
+      if causal:
+        ok_NxLxM = ok_NxLxM & (k_pos_NxM[:, None, :] <= q_pos_NxL[:, :, None])
+      allowed = ok_NxLxM[None] & valid_BxNxL[:, idx_NxW].reshape(
+          b, n - top, 1, -1)
+      k_BxNxMxGxK, v_BxNxMxGxK = (
+          a[:, idx_NxW].reshape(b, n - top, width * l, g, d)
+          for a in (k_BxNxLxGxK, v_BxNxLxGxK))
+      outs.append(_merge(_part(
+          q_BxNxLxGxRxK[:, top:], k_BxNxMxGxK, v_BxNxMxGxK, "bnmgk",
+          allowed[:, :, :, None, None],
+          None if bias is None else _block_bias(bias, q_pos_NxL, k_pos_NxM,
+                                                (0, 2, 1, 3), g))))
+    return _from_blocks(jnp.concatenate(outs, axis=1), q.shape[1], q.dtype)
