@@ -64,13 +64,13 @@ def _worker_parity(data_dir, tmp, attentions):
   out = {}
   for attention in attentions:
     for name, mesh in MESHES.items():
-      workdir = os.path.join(tmp, f"{attention}_{name}")
+      workdir = os.path.join(tmp, f"{attention.split('(')[0]}_{name}")
       train.train_and_evaluate(_config(data_dir, mesh, attention), workdir)
       out[f"{attention}/{name}"] = _losses(workdir)
   return out
 
 
-PARITY_ATTENTIONS = ["standard"]
+PARITY_ATTENTIONS = ["standard", "local(window=8)", "linear(chunk=8)"]
 
 
 def test_meshes_give_the_losses_of_one_device(data_dir, tmp_path):
@@ -78,7 +78,7 @@ def test_meshes_give_the_losses_of_one_device(data_dir, tmp_path):
   1e-5 relative (fp32; only reduction order differs)."""
   sharded = _run("_worker_parity", data_dir, str(tmp_path), PARITY_ATTENTIONS)
   for attention in PARITY_ATTENTIONS:
-    workdir = str(tmp_path / f"{attention}_single")
+    workdir = str(tmp_path / f"{attention.split('(')[0]}_single")
     train.train_and_evaluate(_config(data_dir, attention=attention), workdir)
     single = _losses(workdir)
     for name in MESHES:

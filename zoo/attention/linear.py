@@ -128,22 +128,25 @@ class Linear(AttentionOp):
       x = jnp.pad(x, pad)
       return x.reshape(x.shape[0], n, c, *x.shape[2:])
 
-    phi_q = chunks(phi_q_BxTxGxRxF, u - t)  # BxNxCxGxRxF
-    phi_k = chunks(phi_k_BxSxGxF, u - s)  # BxNxCxGxF
+    phi_q_BxNxCxGxRxF = chunks(phi_q_BxTxGxRxF, u - t)
+    phi_k_BxNxCxGxF = chunks(phi_k_BxSxGxF, u - s)
     v_BxNxCxGxK = chunks(v_BxSxGxK, u - s)
     # Inside a chunk: the quadratic form, lower-triangular.
     tri_CxC = jnp.tril(jnp.ones((c, c), jnp.float32))
-    a_BxNxCxGxRxC = jnp.einsum("bncgrf,bnegf->bncgre", phi_q, phi_k) * (
-        tri_CxC[:, None, None, :])
-    num = jnp.einsum("bncgre,bnegk->bncgrk", a_BxNxCxGxRxC, v_BxNxCxGxK)
-    den = jnp.sum(a_BxNxCxGxRxC, axis=-1)
+    a_BxNxCxGxRxC = jnp.einsum("bncgrf,bnegf->bncgre", phi_q_BxNxCxGxRxF,
+                               phi_k_BxNxCxGxF) * tri_CxC[:, None, None, :]
+    num_BxNxCxGxRxK = jnp.einsum("bncgre,bnegk->bncgrk", a_BxNxCxGxRxC,
+                                 v_BxNxCxGxK)
+    den_BxNxCxGxR = jnp.sum(a_BxNxCxGxRxC, axis=-1)
     # Across chunks: the state and normaliser of all earlier chunks.
     state_BxNxGxFxK, z_BxNxGxF = _before_each_chunk(
-        (jnp.einsum("bncgf,bncgk->bngfk", phi_k, v_BxNxCxGxK),
-         jnp.sum(phi_k, axis=2)))
-    num = num + jnp.einsum("bncgrf,bngfk->bncgrk", phi_q, state_BxNxGxFxK)
-    den = den + jnp.einsum("bncgrf,bngf->bncgr", phi_q, z_BxNxGxF)
-    out = _normalise(num, den)
+        (jnp.einsum("bncgf,bncgk->bngfk", phi_k_BxNxCxGxF, v_BxNxCxGxK),
+         jnp.sum(phi_k_BxNxCxGxF, axis=2)))
+    num_BxNxCxGxRxK += jnp.einsum("bncgrf,bngfk->bncgrk", phi_q_BxNxCxGxRxF,
+                                  state_BxNxGxFxK)
+    den_BxNxCxGxR += jnp.einsum("bncgrf,bngf->bncgr", phi_q_BxNxCxGxRxF,
+                                z_BxNxGxF)
+    out = _normalise(num_BxNxCxGxRxK, den_BxNxCxGxR)
     return out.reshape(out.shape[0], n * c, *out.shape[3:])[:, u - t:u]
 
   def init_state(self, batch: int, heads: int, feature_dim: int,

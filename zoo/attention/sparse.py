@@ -114,10 +114,10 @@ class Sparse(AttentionOp):
     last `summary` positions of every block).
   Causal keeps the pairs with j <= i; bidirectional is the symmetric
   pattern: |i - j| < l or (i - j) % l == 0 for strided, and the same block or
-  any block's summary positions for fixed. Keys per query: strided about
-  2l + T/l (3l bidirectional), fixed l + summary * T/l; the column and
-  summary parts grow as T/l, so cost is T x (l + T/l), about T^1.5 at
-  l ~ sqrt(T) and quadratic / l at a fixed l.
+  any block's summary positions for fixed. Keys computed per query: strided
+  2l + T/l (3l + T/l bidirectional), fixed l + summary * T/l. The column and
+  summary parts grow as T/l, so cost is T x (l + T/l): T^1.5 at l ~ sqrt(T),
+  and T^2 / l at a fixed l once T/l outgrows l.
   """
 
   pattern: str = "strided"
@@ -143,8 +143,9 @@ class Sparse(AttentionOp):
     _, n, l, g, _, _ = q_BxNxLxGxRxK.shape
     pos_NxL = np.arange(n * l).reshape(n, l)
     blocks_n = np.arange(n)
-    later_NxN = blocks_n[None, :] < blocks_n[:, None]  # key block m < n
-    other_NxN = later_NxN if causal else blocks_n[None, :] != blocks_n[:, None]
+    # Key blocks m seen through the column / summary part by query block n.
+    other_NxN = (blocks_n[None, :] < blocks_n[:, None] if causal
+                 else blocks_n[None, :] != blocks_n[:, None])
 
     # The band: neighbouring blocks' keys, masked to the local rule.
     if self.pattern == "strided":
@@ -167,8 +168,9 @@ class Sparse(AttentionOp):
                                               (0, 2, 1, 3), g))
 
     if self.pattern == "strided":
-      # Column l of block m, for every block m other than the query's own
-      # (that one is in the band, as are no other column keys).
+      # The strided column: key (m, l) for query (n, l), every block m but
+      # the query's own (that key is i itself, in the band; no other column
+      # key is).
       allowed = (other_NxN[None, :, None, :]
                  & jnp.transpose(valid_BxNxL, (0, 2, 1))[:, None])
       far = _part(
