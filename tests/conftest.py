@@ -12,6 +12,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(data_dir):
+  return make_tiny_config(data_dir)
+
+
+def make_tiny_config(data_dir):
   """The default config shrunk to seconds on 2 CPU cores."""
   config = default.get_config()
   config.num_train_steps = 20

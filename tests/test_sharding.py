@@ -60,30 +60,40 @@ def _run(worker, *args, devices=8, env=None):
   return json.loads(line[len("RESULT "):])
 
 
-def _worker_parity(data_dir, tmp, attentions):
+def _worker_parity(data_dir, tmp, runs):
   out = {}
-  for attention in attentions:
-    for name, mesh in MESHES.items():
-      workdir = os.path.join(tmp, f"{attention.split('(')[0]}_{name}")
-      train.train_and_evaluate(_config(data_dir, mesh, attention), workdir)
-      out[f"{attention}/{name}"] = _losses(workdir)
+  for attention, mesh_name in runs:
+    workdir = os.path.join(tmp, f"{attention.split('(')[0]}_{mesh_name}")
+    train.train_and_evaluate(_config(data_dir, MESHES[mesh_name], attention),
+                             workdir)
+    out[f"{attention}/{mesh_name}"] = _losses(workdir)
   return out
 
 
-PARITY_ATTENTIONS = ["standard", "local(window=8)", "linear(chunk=8)"]
+# Every mesh for the standard op; the mixed data x fsdp x tensor mesh for the
+# local and linear families.
+PARITY_RUNS = [("standard", name) for name in MESHES] + [
+    ("local(window=8)", "d2f2t2"), ("linear(chunk=8)", "d2f2t2")]
 
 
-def test_meshes_give_the_losses_of_one_device(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def sharded_losses(data_dir, tmp_path_factory):
+  return _run("_worker_parity", data_dir,
+              str(tmp_path_factory.mktemp("parity")), PARITY_RUNS)
+
+
+def test_meshes_give_the_losses_of_one_device(sharded_losses, data_dir,
+                                              tmp_path):
   """Data, FSDP and mixed data/FSDP/tensor meshes match a single device to
   1e-5 relative (fp32; only reduction order differs)."""
-  sharded = _run("_worker_parity", data_dir, str(tmp_path), PARITY_ATTENTIONS)
-  for attention in PARITY_ATTENTIONS:
+  for attention in sorted({a for a, _ in PARITY_RUNS}):
     workdir = str(tmp_path / f"{attention.split('(')[0]}_single")
     train.train_and_evaluate(_config(data_dir, attention=attention), workdir)
     single = _losses(workdir)
-    for name in MESHES:
-      np.testing.assert_allclose(sharded[f"{attention}/{name}"], single,
-                                 rtol=1e-5, err_msg=f"{attention} {name}")
+    for name in [m for a, m in PARITY_RUNS if a == attention]:
+      np.testing.assert_allclose(sharded_losses[f"{attention}/{name}"],
+                                 single, rtol=1e-5,
+                                 err_msg=f"{attention} {name}")
 
 
 def _worker_placement(data_dir):
@@ -201,15 +211,11 @@ def _flags(config):
   return out
 
 
-def _worker_one_process(data_dir, workdir):
-  train.train_and_evaluate(_config(data_dir, (8, 1, 1)), workdir)
-  return _losses(workdir)
-
-
-def test_two_processes_train_and_resume_like_one(data_dir, tmp_path):
+def test_two_processes_train_and_resume_like_one(sharded_losses, data_dir,
+                                                 tmp_path):
   """2 processes x 4 devices: train to step 2, a second 2-process run resumes
-  to step 4; the losses equal the 1-process 8-device run's."""
-  reference = _run("_worker_one_process", data_dir, str(tmp_path / "one"))
+  to step 4; the losses equal the 1-process 8-device (data=8) run's."""
+  reference = sharded_losses["standard/data8"]
   workdir = str(tmp_path / "two")
   config = _config(data_dir)
   _two_processes(workdir, _flags(config) + ["--config.num_train_steps=4",

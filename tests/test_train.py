@@ -85,33 +85,55 @@ def _cli(workdir, *overrides):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.model.attention=no_such", "model.attention: unknown attention"),
-    ("--config.model.position=rope9", "model.position: unknown position"),
-    ("--config.data.task=mqar(pairs=3)", "data.task: task 'mqar' has no "
-     "argument 'pairs'"),
-    ("--config.model.num_heads=3", "embed_dim=64 must be divisible"),
-    ("--config.mesh.data=3", "mesh"),
-    ("--config.model.dtype=float8", "model.dtype='float8'; valid: float32"),
     ("--config.no_such_key=1", "no config key 'no_such_key'"),
-    ("--config.model.position=learned(max_len=8)", "learned(max_len=8) is "
-     "shorter than the sequence length 64"),
-    ("--config.data.task=text(path='/no/such/file.txt')", "data.task: task "
-     "text(path='/no/such/file.txt'): no file matches"),
-    ("--config.model.num_kv_heads=3", "num_heads=4 must be divisible by "
-     "model.num_kv_heads=3"),
-    ("--config.batch_size=0", "batch_size=0 must be >= 1"),
-    ("--config.model.attention=local(window=0)", "model.attention: attention "
-     "local(window=...) must be"),
-    ("--config.model.attention=blockwise(block_q=0)", "model.attention: "
-     "attention blockwise(block_q=...) must be >= 1"),
     ("--config.model.position=alibi --config.model.attention=linear",
      "attention 'linear' cannot take position 'alibi'"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
+  """The command line: exit code 2, one line, no workdir."""
   workdir = tmp_path / "run"
   result = _cli(workdir, *override.split())
   assert result.returncode == 2, result.stderr[-2000:]
   assert message in result.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("model.attention", "no_such", "model.attention: unknown attention"),
+    ("model.position", "rope9", "model.position: unknown position"),
+    ("data.task", "mqar(pairs=3)", "data.task: task 'mqar' has no argument "
+     "'pairs'"),
+    ("model.num_heads", 3, "embed_dim=64 must be divisible"),
+    ("mesh.data", 3, "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 "
+     "devices but 1 are present"),
+    ("model.dtype", "float8", "model.dtype='float8'; valid: float32"),
+    ("model.position", "learned(max_len=8)", "learned(max_len=8) is shorter "
+     "than the sequence length 64"),
+    ("data.task", "text(path='/no/such/file.txt')", "data.task: task "
+     "text(path='/no/such/file.txt'): no file matches"),
+    ("model.num_kv_heads", 3, "num_heads=4 must be divisible by "
+     "model.num_kv_heads=3"),
+    ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("model.attention", "local(window=0)", "model.attention: attention "
+     "local(window=...) must be"),
+    ("model.attention", "blockwise(block_q=0)", "model.attention: attention "
+     "blockwise(block_q=...) must be >= 1"),
+    ("model.position", "alibi", "attention 'linear' cannot take position "
+     "'alibi'"),
+])
+def test_bad_config_is_refused_before_anything(key, value, message, tmp_path):
+  """Every refused case: ConfigError naming the key, nothing written."""
+  from configs import default
+  config = default.get_config()
+  if key == "model.position" and value == "alibi":
+    config.model.attention = "linear"
+  section, _, name = key.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(train.ConfigError) as error:
+    train.plan(config, str(tmp_path / "run"))
+  assert message in str(error.value)
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / "run").exists()
 
 
 def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.conftest import make_tiny_config
 from zoo import metrics, train
 from zoo.data import pipeline
 
@@ -63,13 +64,25 @@ def steps_in(workdir):
   return os.listdir(d) if os.path.isdir(d) else []
 
 
+KILL_STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+  """The workdir of an uninterrupted run of KILL_STEPS steps."""
+  workdir = str(tmp_path_factory.mktemp("whole"))
+  train.train_and_evaluate(config_of(make_tiny_config(data_dir), KILL_STEPS),
+                           workdir)
+  return workdir
+
+
 @pytest.mark.parametrize("moment", ["step", "checkpoint_write"])
 def test_kill_9_then_resume_equals_uninterrupted(tiny_config, data_dir,
-                                                 tmp_path, moment):
-  steps = 120
+                                                 tmp_path, moment,
+                                                 uninterrupted):
+  steps = KILL_STEPS
   config = config_of(tiny_config, steps)
-  whole = tmp_path / "whole"
-  train.train_and_evaluate(config, str(whole))
+  whole = uninterrupted
 
   killed = str(tmp_path / "killed")
   proc = start(killed, data_dir, steps)
