@@ -7,6 +7,8 @@
 
 import ml_collections
 
+from zoo import sharding
+
 
 def get_config():
   config = ml_collections.ConfigDict()
@@ -48,4 +50,6 @@ def get_config():
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  # Logical axis -> mesh axes; unnamed logical axes are replicated.
+  config.mesh.rules = sharding.DEFAULT_RULES
   return config

@@ -105,8 +105,8 @@ def _worker_placement(data_dir):
     config = _config(data_dir, mesh_sizes)
     p = train.plan(config)
     mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.rules()
-    s = train.setup(config, p, mesh, rules, train.make_optimizer(config)[0])
+    rules = sharding.parse_rules(config.mesh.rules)
+    s = train.setup(p, mesh, rules, train.make_optimizer(config)[0])
     with jax.set_mesh(mesh):
       state = jax.jit(lambda: nnx.state(s.create()),
                       out_shardings=s.state_shardings)()
@@ -175,6 +175,16 @@ def test_mesh_shape_resolves_the_rest_and_checks_the_count():
     sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
   with pytest.raises(ValueError, match="at most one -1"):
     sharding.mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+
+
+def test_rules_parse_and_refuse_unknown_axes():
+  rules = dict(sharding.parse_rules("batch=data+fsdp, heads=tensor"))
+  assert rules["batch"] == ("data", "fsdp") and rules["heads"] == "tensor"
+  assert rules["embed"] is None and set(rules) == set(sharding.LOGICAL_AXES)
+  with pytest.raises(ValueError, match="mesh.rules item 'heads=model'"):
+    sharding.parse_rules("heads=model")
+  with pytest.raises(ValueError, match="mesh.rules item 'head=tensor'"):
+    sharding.parse_rules("head=tensor")
 
 
 def _free_port():

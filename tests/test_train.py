@@ -120,6 +120,7 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
      "blockwise(block_q=...) must be >= 1"),
     ("model.position", "alibi", "attention 'linear' cannot take position "
      "'alibi'"),
+    ("mesh.rules", "heads=model", "mesh.rules item 'heads=model'"),
 ])
 def test_bad_config_is_refused_before_anything(key, value, message, tmp_path):
   """Every refused case: ConfigError naming the key, nothing written."""

@@ -23,18 +23,20 @@ def build_attention_and_position(attention: str, position: str, *,
                                  embed_dim: int, num_heads: int, seq_len: int,
                                  rngs: nnx.Rngs, param_dtype
                                  ) -> tuple[AttentionOp, Position]:
-  """Builds both parts from their specs and refuses incompatible pairs."""
+  """Builds both parts from their specs and refuses incompatible pairs
+  (before building the position, which may hold parameters)."""
   op = registry.build("attention", attention)
-  pe = registry.build("position", position, embed_dim=embed_dim,
-                      num_heads=num_heads, seq_len=seq_len, rngs=rngs,
-                      param_dtype=param_dtype)
-  if pe.kind not in op.positions:
+  kind = registry.get("position", registry.parse(position)[0]).kind
+  if kind not in op.positions:
     works = [p for p in registry.names("position")
              if registry.get("position", p).kind in op.positions]
     raise ValueError(
         f"attention {attention!r} cannot take position {position!r} (a "
-        f"{pe.kind} encoding); with this attention use one of: "
+        f"{kind} encoding); with this attention use one of: "
         f"{', '.join(works)}")
+  pe = registry.build("position", position, embed_dim=embed_dim,
+                      num_heads=num_heads, seq_len=seq_len, rngs=rngs,
+                      param_dtype=param_dtype)
   return op, pe
 
 

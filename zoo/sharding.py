@@ -1,7 +1,7 @@
 """Logical axis names, their mapping to mesh axes, and the device mesh.
 
 Parameters and activations are annotated with logical axes ("batch",
-"length", "embed", "heads", "kv", "mlp", "vocab"); `config.sharding_rules`
+"length", "embed", "heads", "kv", "mlp", "vocab"); `config.mesh.rules`
 maps each to mesh axes ("data", "fsdp", "tensor"), so data parallel, FSDP and
 tensor parallel are config changes. Variables are created unsharded
 (`eager_sharding=False`) and placed by a jitted constructor with
@@ -9,8 +9,6 @@ tensor parallel are config changes. Variables are created unsharded
 """
 
 import math
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -19,17 +17,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Default logical -> mesh rules: batch over data and fsdp, parameters' embed
-# axis over fsdp, heads and mlp over tensor.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-)
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
+
+# Default logical -> mesh rules (config.mesh.rules): batch over data and
+# fsdp, parameters' embed axis over fsdp (FSDP), heads, mlp and vocab over
+# tensor (tensor parallel); axes not named are replicated.
+DEFAULT_RULES = "batch=data+fsdp,embed=fsdp,heads=tensor,mlp=tensor,vocab=tensor"
 
 
 def logical(init, *names: str | None):
@@ -65,10 +58,20 @@ def make_mesh(sizes: dict[str, int]) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def rules(config_rules: Sequence | None = None):
-  """The rules as a tuple of (logical, mesh axes) pairs."""
-  return tuple((k, tuple(v) if isinstance(v, list) else v)
-               for k, v in (config_rules or DEFAULT_RULES))
+def parse_rules(text: str) -> tuple:
+  """"batch=data+fsdp,embed=fsdp" -> (("batch", ("data", "fsdp")),
+  ("embed", "fsdp"), ...), every logical axis present (None = replicated)."""
+  named = {}
+  for item in filter(None, (i.strip() for i in text.split(","))):
+    logical_axis, _, mesh_axes = item.partition("=")
+    axes = tuple(a.strip() for a in mesh_axes.split("+") if a.strip())
+    if logical_axis.strip() not in LOGICAL_AXES or not axes or any(
+        a not in MESH_AXES for a in axes):
+      raise ValueError(
+          f"mesh.rules item {item!r}: write logical=mesh[+mesh] with logical "
+          f"in {', '.join(LOGICAL_AXES)} and mesh in {', '.join(MESH_AXES)}")
+    named[logical_axis.strip()] = axes[0] if len(axes) == 1 else axes
+  return tuple((a, named.get(a)) for a in LOGICAL_AXES)
 
 
 def state_shardings(abstract_state, mesh, axis_rules):

@@ -41,7 +41,6 @@ class Plan:
 
   task: Any
   model_fn: Any  # () -> nnx.Module
-  mesh_shape: tuple[int, ...]
 
 
 def _dtype(key: str, value: str):
@@ -106,7 +105,11 @@ def plan(config, workdir: str | None = None) -> Plan:
         f"batch_size={config.batch_size} must be divisible by mesh.data * "
         f"mesh.fsdp = {data_parallel} and by the {jax.process_count()} "
         "processes")
-  return Plan(task=task, model_fn=model_fn, mesh_shape=shape)
+  try:
+    sharding.parse_rules(config.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return Plan(task=task, model_fn=model_fn)
 
 
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
@@ -130,7 +133,7 @@ class Setup:
   create: Any  # () -> (model, optimizer)
 
 
-def setup(config, p: Plan, mesh, axis_rules, tx) -> Setup:
+def setup(p: Plan, mesh, axis_rules, tx) -> Setup:
   """Model and optimizer structure, sharded by the logical axis rules."""
 
   def create():
@@ -151,8 +154,8 @@ def restore_model(config, workdir: str):
   none."""
   p = plan(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  axis_rules = sharding.rules()
-  s = setup(config, p, mesh, axis_rules, make_optimizer(config)[0])
+  axis_rules = sharding.parse_rules(config.mesh.rules)
+  s = setup(p, mesh, axis_rules, make_optimizer(config)[0])
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
     state, step = ckpt.restore(s.abstract_state)
@@ -197,10 +200,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   that update and counts it)."""
   p = plan(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
-  axis_rules = sharding.rules()
+  axis_rules = sharding.parse_rules(config.mesh.rules)
   sources = p.task.sources(config.data.dir or None)
   tx, schedule = make_optimizer(config)
-  s = setup(config, p, mesh, axis_rules, tx)
+  s = setup(p, mesh, axis_rules, tx)
   batch_sharding = sharding.batch_sharding(mesh, axis_rules)
   param_names = [jax.tree_util.keystr(path) for path, _ in
                  jax.tree_util.tree_flatten_with_path(

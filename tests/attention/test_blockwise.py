@@ -8,17 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from attention_reference import (alibi, assert_matches_dense, random_qkv,
+                                 value_and_grads)
 from zoo import registry
 
 SMALL = "blockwise(block_q=4, block_k=3)"
 
 
-def random_qkv(seed, b=2, t=11, s=11, h=4, g=2, d=8):
-  """Standard normal q BxTxHxK, k and v BxSxGxK (numpy: no compiles)."""
-  rng = np.random.default_rng(seed)
-  return (rng.standard_normal((b, t, h, d), np.float32),
-          rng.standard_normal((b, s, g, d), np.float32),
-          rng.standard_normal((b, s, g, d), np.float32))
 
 
 def allowed_mask(b, t, s, causal, lengths=None):
@@ -31,43 +27,14 @@ def allowed_mask(b, t, s, causal, lengths=None):
   return allowed
 
 
-def value_and_grads(op, q, k, v, **kwargs):
-  """Sum of outputs times a fixed random cotangent, and its gradients."""
-  cotangent = np.random.default_rng(99).standard_normal(q.shape, np.float32)
-
-  def loss(q, k, v):
-    return jnp.sum(op(q, k, v, **kwargs).astype(jnp.float32) * cotangent)
-
-  return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
-def assert_matches_reference(q, k, v, allowed, *, causal, mask=None,
-                             bias=None, spec=SMALL):
-  """Outputs and gradients of `spec` equal the dense op's under `allowed`."""
-  op = registry.build("attention", spec)
-  ref = registry.build("attention", "standard")
-
-  @jax.jit
-  def both(q, k, v):
-    got = op(q, k, v, causal=causal, mask=mask, bias=bias)
-    want = ref(q, k, v, mask=jnp.asarray(allowed), bias=bias)
-    return (got, want,
-            value_and_grads(op, q, k, v, causal=causal, mask=mask, bias=bias),
-            value_and_grads(ref, q, k, v, mask=jnp.asarray(allowed),
-                            bias=bias))
-
-  got, want, (got_loss, got_grads), (want_loss, want_grads) = both(q, k, v)
-  np.testing.assert_allclose(got, want, atol=2e-5)
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5, atol=1e-5)
-  for got_grad, want_grad in zip(got_grads, want_grads):
-    np.testing.assert_allclose(got_grad, want_grad, atol=5e-5)
-  return got
 
 
-def alibi(slopes):
-  def bias(q_pos, k_pos):
-    return -slopes[:, None, None] * jnp.abs(q_pos[:, None] - k_pos[None, :])
-  return bias
+
+
+def assert_matches_reference(q, k, v, allowed, *, spec=SMALL, **kwargs):
+  return assert_matches_dense(spec, q, k, v, allowed, **kwargs)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -89,7 +56,7 @@ def test_unequal_lengths_match_dense(causal, t, s):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_padding_mask_and_bias_match_dense(causal):
-  q, k, v = random_qkv(2, b=3, t=7)
+  q, k, v = random_qkv(2, b=3, t=7, s=11)
   lengths = [11, 5, 0]  # the last sequence has no real key at all
   pad_BxS = jnp.asarray(np.arange(11)[None, :] < np.array(lengths)[:, None])
   bias = alibi(jnp.array([0.5, 0.25, 0.125, 0.0625]))

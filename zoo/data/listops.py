@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from zoo import registry
-from zoo.data.source import prepare_and_load
+from zoo.data.source import GeneratedBuilder, prepare_and_load
 
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
 VOCAB = ("<pad>",) + tuple(str(d) for d in range(10)) + OPERATORS + ("]",)
@@ -97,7 +97,7 @@ class ListOpsConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class ListOpsBuilder(tfds.core.GeneratorBasedBuilder):
+class ListOpsBuilder(GeneratedBuilder):
   """TFDS builder; evaluation never repeats a training expression."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -113,29 +113,10 @@ class ListOpsBuilder(tfds.core.GeneratorBasedBuilder):
             "label": tfds.features.Tensor(shape=(), dtype=np.int32),
         }))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def example(self, rng):
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train),
-            "test": self._generate_examples("test", c.num_eval)}
-
-  def _examples(self, split, count):
-    c = self.builder_config
-    split_id = {"train": 0, "test": 1}[split]
-    for i in range(count):
-      rng = np.random.default_rng((c.seed, split_id, i))
-      yield i, listops_example(rng, seq_len=c.seq_len, min_len=c.min_len,
-                               max_depth=c.max_depth, max_args=c.max_args)
-
-  def _generate_examples(self, split, count):
-    seen = set()
-    if split == "test":
-      seen = {ex["inputs"].tobytes()
-              for _, ex in self._examples("train", self.builder_config
-                                          .num_train)}
-    for key, example in self._examples(split, count):
-      if example["inputs"].tobytes() not in seen:
-        yield key, example
+    return listops_example(rng, seq_len=c.seq_len, min_len=c.min_len,
+                           max_depth=c.max_depth, max_args=c.max_args)
 
 
 @registry.register("task", "listops")

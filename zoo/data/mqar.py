@@ -8,13 +8,12 @@ Generated locally as a TFDS builder (array_record, no TensorFlow).
 """
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from zoo import registry
-from zoo.data.source import prepare_and_load
+from zoo.data.source import GeneratedBuilder, lm_features, prepare_and_load
 
 
 def mqar_example(rng: np.random.Generator, seq_len: int, num_pairs: int,
@@ -48,7 +47,7 @@ class MqarConfig(tfds.core.BuilderConfig):
   seed: int = 0
 
 
-class MqarBuilder(tfds.core.GeneratorBasedBuilder):
+class MqarBuilder(GeneratedBuilder):
   """TFDS builder; one config per (length, pairs, vocabulary, sizes, seed)."""
 
   VERSION = tfds.core.Version("1.0.0")
@@ -56,40 +55,12 @@ class MqarBuilder(tfds.core.GeneratorBasedBuilder):
   name = "zoo_mqar"
 
   def _info(self):
-    t = self.builder_config.seq_len
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-            "weights": tfds.features.Tensor(shape=(t,), dtype=np.float32),
-        }))
+        features=lm_features(self.builder_config.seq_len))
 
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def example(self, rng):
     c = self.builder_config
-    return {"train": self._generate_examples("train", c.num_train),
-            "test": self._generate_examples("test", c.num_eval)}
-
-  def _examples(self, split: str, count: int):
-    c = self.builder_config
-    split_id = {"train": 0, "test": 1}[split]
-    for i in range(count):
-      rng = np.random.default_rng((c.seed, split_id, i))
-      yield i, mqar_example(rng, c.seq_len, c.num_pairs, c.vocab_size)
-
-  def _generate_examples(self, split: str, count: int):
-    seen = set()
-    if split == "test":  # evaluation never repeats a training sequence
-      seen = {_digest(ex) for _, ex in self._examples("train",
-                                                      self.builder_config
-                                                      .num_train)}
-    for key, example in self._examples(split, count):
-      if _digest(example) not in seen:
-        yield key, example
-
-
-def _digest(example) -> bytes:
-  return hashlib.sha1(example["inputs"].tobytes()).digest()
+    return mqar_example(rng, c.seq_len, c.num_pairs, c.vocab_size)
 
 
 @registry.register("task", "mqar")

@@ -2,6 +2,7 @@
 splits as random-access sources for grain."""
 
 import jax
+import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
@@ -17,3 +18,43 @@ def prepare_and_load(builder_cls, config, data_dir, splits: dict[str, str]):
     multihost_utils.sync_global_devices("zoo data prepared")
   return {ours: builder.as_data_source(split=theirs)
           for ours, theirs in splits.items()}
+
+
+def lm_features(seq_len: int) -> tfds.features.FeaturesDict:
+  """inputs, targets (next tokens) and per-position loss weights."""
+  return tfds.features.FeaturesDict({
+      "inputs": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
+      "targets": tfds.features.Tensor(shape=(seq_len,), dtype=np.int32),
+      "weights": tfds.features.Tensor(shape=(seq_len,), dtype=np.float32),
+  })
+
+
+class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
+  """A builder of synthetic examples: example i of a split is drawn from
+  `np.random.default_rng((seed, split, i))`, so preparation is deterministic,
+  and the test split drops any example whose inputs occur in train.
+  Subclasses define `_info` and `example(rng)`; their config has
+  `num_train`, `num_eval` and `seed`."""
+
+  def example(self, rng: np.random.Generator) -> dict:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples("train"),
+            "test": self._generate_examples("test")}
+
+  def _draw(self, split: str):
+    c = self.builder_config
+    count, split_id = {"train": (c.num_train, 0), "test": (c.num_eval, 1)}[
+        split]
+    for i in range(count):
+      yield i, self.example(np.random.default_rng((c.seed, split_id, i)))
+
+  def _generate_examples(self, split: str):
+    seen = set()
+    if split == "test":
+      seen = {ex["inputs"].tobytes() for _, ex in self._draw("train")}
+    for key, example in self._draw(split):
+      if example["inputs"].tobytes() not in seen:
+        yield key, example

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from zoo import registry
-from zoo.data.source import prepare_and_load
+from zoo.data.source import lm_features, prepare_and_load
 
 
 def read_bytes(path: str) -> tuple[bytes, list[str]]:
@@ -50,13 +50,8 @@ class TextBuilder(tfds.core.GeneratorBasedBuilder):
   name = "zoo_text"
 
   def _info(self):
-    t = self.builder_config.seq_len
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "inputs": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-            "targets": tfds.features.Tensor(shape=(t,), dtype=np.int32),
-            "weights": tfds.features.Tensor(shape=(t,), dtype=np.float32),
-        }))
+        features=lm_features(self.builder_config.seq_len))
 
   def _split_generators(self, dl_manager):
     del dl_manager
