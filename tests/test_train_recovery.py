@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import grain
 import numpy as np
 import pytest
 
@@ -164,10 +165,11 @@ def test_empty_newer_step_folder_falls_back(tiny_config, tmp_path, caplog):
   assert metrics.read(workdir)[-1]["step"] == 25
 
 
-class _NanAt:
+class _NanAt(grain.DatasetIterator):
   """Batches pass through, except that batch `k` (1-based) gets NaN weights."""
 
   def __init__(self, it, k):
+    super().__init__(it)
     self._it, self._k, self._n = it, k, 0
 
   def __next__(self):
@@ -186,16 +188,9 @@ class _NanAt:
 
 def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(
     tiny_config, tmp_path, monkeypatch):
-  import grain
-
-  class NanAt(_NanAt, grain.DatasetIterator):
-    def __init__(self, it, k):
-      grain.DatasetIterator.__init__(self, it)
-      _NanAt.__init__(self, it, k)
-
   real = pipeline.train_iterator
   monkeypatch.setattr(pipeline, "train_iterator",
-                      lambda *a, **k: NanAt(real(*a, **k), 8))
+                      lambda *a, **k: _NanAt(real(*a, **k), 8))
   workdir = str(tmp_path / "run")
   config = config_of(tiny_config, 20)
   with pytest.raises(train.NonFiniteError, match="step 8: non-finite loss"):
@@ -205,7 +200,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(
   assert train.restore_model(config, workdir) is not None
 
   monkeypatch.setattr(pipeline, "train_iterator",
-                      lambda *a, **k: NanAt(real(*a, **k), 3))
+                      lambda *a, **k: _NanAt(real(*a, **k), 3))
   config.skip_nonfinite = True
   last = train.train_and_evaluate(config, str(tmp_path / "skip"))
   assert last["skipped_updates"] == 1 and np.isfinite(last["loss"])

@@ -95,8 +95,6 @@ def test_pair_trains_or_is_refused(attention, position):
 
 
 def test_linear_attention_refuses_a_bias():
-  if "linear" not in registry.names("attention"):
-    pytest.skip("attention 'linear' is not registered")
   with pytest.raises(ValueError, match=r"attention 'linear' cannot take "
                      r"position 'alibi' \(a bias encoding\); with this "
                      r"attention use one of: .*rope"):
