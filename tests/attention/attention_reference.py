@@ -57,3 +57,38 @@ def alibi(slopes):
   def bias(q_pos, k_pos):
     return -slopes[:, None, None] * jnp.abs(q_pos[:, None] - k_pos[None, :])
   return bias
+
+
+def assert_bf16_close_to_fp32(spec, seed):
+  """bf16 inputs give bf16 outputs and gradients close to the fp32 ones."""
+  q, k, v = random_qkv(seed)
+  op = registry.build("attention", spec)
+
+  @jax.jit
+  def run(q, k, v):
+    return op(q, k, v, causal=True), value_and_grads(op, q, k, v,
+                                                     causal=True)[1]
+
+  out, grads = run(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
+  want_out, want_grads = run(q, k, v)
+  assert out.dtype == jnp.bfloat16
+  assert all(grad.dtype == jnp.bfloat16 for grad in grads)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want_out, atol=0.1)
+  for got, want in zip(grads, want_grads):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.15)
+
+
+def assert_causal(spec, seed):
+  """Perturbing keys and values after position t leaves outputs up to t
+  unchanged (and changes some later output)."""
+  q, k, v = random_qkv(seed)
+  op = jax.jit(lambda q, k, v: registry.build("attention", spec)(
+      q, k, v, causal=True))
+  noise_k, noise_v = random_qkv(seed + 1)[1:]
+  out = np.asarray(op(q, k, v))
+  for t in (0, 4, 9):
+    later = (np.arange(11) > t)[None, :, None, None]
+    perturbed = np.asarray(op(q, np.where(later, noise_k, k),
+                              np.where(later, noise_v, v)))
+    np.testing.assert_array_equal(out[:, :t + 1], perturbed[:, :t + 1])
+    assert not np.allclose(out[:, t + 1:], perturbed[:, t + 1:])
