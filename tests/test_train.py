@@ -88,6 +88,8 @@ def _cli(workdir, *overrides):
     ("--config.no_such_key=1", "no config key 'no_such_key'"),
     ("--config.model.position=alibi --config.model.attention=linear",
      "attention 'linear' cannot take position 'alibi'"),
+    ("--config.model.position=rope --config.model.attention=linear",
+     "attention 'linear' cannot take position 'rope'"),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
   """The command line: exit code 2, one line, no workdir."""

@@ -19,12 +19,20 @@ from zoo.sharding import constrain, logical
 _init = nnx.initializers.lecun_normal()
 
 
+def _fan_in_init(in_axis, out_axis):
+  """LeCun normal with the fan-in taken over `in_axis` of a multi-axis
+  einsum kernel: q, k and v (DxHxK) have fan-in D, the output projection
+  (HxKxD) fan-in H*K, whatever the number of heads."""
+  return nnx.initializers.lecun_normal(in_axis=in_axis, out_axis=out_axis)
+
+
 def build_attention_and_position(attention: str, position: str, *,
                                  embed_dim: int, num_heads: int, seq_len: int,
-                                 rngs: nnx.Rngs, param_dtype
+                                 causal: bool, rngs: nnx.Rngs, param_dtype
                                  ) -> tuple[AttentionOp, Position]:
   """Builds both parts from their specs and refuses incompatible pairs
-  (before building the position, which may hold parameters)."""
+  (before building the position, which may hold parameters). `causal` tells
+  direction-aware encodings (T5's buckets) whether the model is a decoder."""
   op = registry.build("attention", attention)
   kind = registry.get("position", registry.parse(position)[0]).kind
   if kind not in op.positions:
@@ -35,8 +43,8 @@ def build_attention_and_position(attention: str, position: str, *,
         f"{kind} encoding); with this attention use one of: "
         f"{', '.join(works)}")
   pe = registry.build("position", position, embed_dim=embed_dim,
-                      num_heads=num_heads, seq_len=seq_len, rngs=rngs,
-                      param_dtype=param_dtype)
+                      num_heads=num_heads, seq_len=seq_len, causal=causal,
+                      rngs=rngs, param_dtype=param_dtype)
   return op, pe
 
 
@@ -57,24 +65,31 @@ class MultiHeadAttention(nnx.Module):
     d, h, g, k = embed_dim, num_heads, num_kv_heads, embed_dim // num_heads
     self.op, self.causal = op, causal
 
-    def proj(spec, shape, names):
-      return nnx.Einsum(spec, shape, kernel_init=logical(_init, *names),
+    def proj(spec, shape, names, init):
+      return nnx.Einsum(spec, shape, kernel_init=logical(init, *names),
                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    self.query = proj("BTD,DHK->BTHK", (d, h, k), ("embed", "heads", "kv"))
-    self.key = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"))
-    self.value = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"))
-    self.out = proj("BTHK,HKD->BTD", (h, k, d), ("heads", "kv", "embed"))
+    to_heads = _fan_in_init(0, (1, 2))
+    self.query = proj("BTD,DHK->BTHK", (d, h, k), ("embed", "heads", "kv"),
+                      to_heads)
+    self.key = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"),
+                    to_heads)
+    self.value = proj("BTD,DGK->BTGK", (d, g, k), ("embed", "heads", "kv"),
+                      to_heads)
+    self.out = proj("BTHK,HKD->BTD", (h, k, d), ("heads", "kv", "embed"),
+                    _fan_in_init((0, 1), 2))
 
   def __call__(self, x_BxTxD, position: Position,
-               mask_BxT: Optional[jax.Array] = None):
+               mask_BxT: Optional[jax.Array] = None,
+               step: Optional[jax.Array] = None):
+    """`step` is the training step, for ops that redraw random features."""
     positions_T = jnp.arange(x_BxTxD.shape[1])
     q_BxTxHxK = position.rotate(self.query(x_BxTxD), positions_T)
     k_BxTxGxK = position.rotate(self.key(x_BxTxD), positions_T)
     v_BxTxGxK = self.value(x_BxTxD)
     q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "length", "heads", "kv"))
     out_BxTxHxK = self.op(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=self.causal,
-                          mask=mask_BxT, bias=position.bias())
+                          mask=mask_BxT, bias=position.bias(), step=step)
     return self.out(out_BxTxHxK)
 
 
@@ -118,8 +133,9 @@ class TransformerBlock(nnx.Module):
                    dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_BxTxD, position: Position,
-               mask_BxT: Optional[jax.Array] = None):
+               mask_BxT: Optional[jax.Array] = None,
+               step: Optional[jax.Array] = None):
     x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), position,
-                                       mask_BxT)
+                                       mask_BxT, step)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return constrain(x_BxTxD, ("batch", "length", "embed"))

@@ -34,6 +34,13 @@ KINDS = {
 
 _PARTS: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
+# Parameters that callers supply (never set by a spec): NNX plumbing, and the
+# layer index a model gives each layer's attention op (`op.for_layer`).
+_CONTEXT = ("rngs", "dtype", "param_dtype", "layer")
+
+# Length at which `python -m zoo.registry` reports each op's key budget.
+_BUDGET_LENGTH = 4096
+
 
 @dataclasses.dataclass(frozen=True)
 class Param:
@@ -110,7 +117,7 @@ def params(kind: str, name: str) -> list[Param]:
     if p.name == "self" or p.default is inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL,
                                                           p.VAR_KEYWORD):
       continue
-    if p.name in ("rngs", "dtype", "param_dtype"):
+    if p.name in _CONTEXT:
       continue
     out.append(Param(p.name, p.default, hints.get(p.name, Any)))
   return out
@@ -183,8 +190,10 @@ def _type_name(annotation) -> str:
 
 
 def compatible(attention: str, position: str) -> bool:
-  """Whether an attention op can take a positional encoding (by name)."""
-  return get("position", position).kind in get("attention", attention).positions
+  """Whether an attention op (a spec; its defaults when only a name) can
+  take a positional encoding (by name)."""
+  return get("position", position).kind in build("attention", attention
+                                                 ).positions
 
 
 def main():
@@ -198,6 +207,11 @@ def main():
       print(f"  {describe(kind, name)}")
       print(textwrap.fill(doc, 79, initial_indent=" " * 6,
                           subsequent_indent=" " * 6))
+      if kind == "attention":
+        op = build(kind, name)
+        print(f"      keys per query at length {_BUDGET_LENGTH}: causal "
+              f"{op.keys_per_query(_BUDGET_LENGTH, True):.0f}, bidirectional "
+              f"{op.keys_per_query(_BUDGET_LENGTH, False):.0f}")
   positions = names("position")
   width = max(map(len, positions)) + 1
   print("\n[attention x position]  (masks: causal, padding [batch, kv_len]; "
@@ -206,7 +220,7 @@ def main():
   for attention in names("attention"):
     marks = "".join(("yes" if compatible(attention, p) else "-").rjust(width)
                     for p in positions)
-    masks = "full" if get("attention", attention).full_mask else "padding"
+    masks = "full" if build("attention", attention).full_mask else "padding"
     print(attention.ljust(12) + marks + "  " + masks)
 
 

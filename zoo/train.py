@@ -175,7 +175,8 @@ def _make_train_step(graphdef):
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
+    step = optimizer.step[...]
+    grad_fn = nnx.value_and_grad(lambda m: m.loss(batch, step), has_aux=True)
     old_leaves = jax.tree.leaves(state)  # arrays; merge shares Variables
     (loss, metrics), grads = grad_fn(model)
     grads_finite = jnp.stack([jnp.isfinite(g).all()
@@ -190,6 +191,13 @@ def _make_train_step(graphdef):
     return new_state, metrics
 
   return train_step
+
+
+def _eval_step(graphdef, state, batch):
+  """Metrics of one eval batch at the state's training step (which picks
+  the draw of attention that redraws random features)."""
+  model, optimizer = nnx.merge(graphdef, state)
+  return model.loss(batch, optimizer.step[...])[1]
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -232,7 +240,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                       donate_argnums=0, out_shardings=(s.state_shardings, None)
                       ).lower(state, batch).compile()
     flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
-    eval_fn = jax.jit(lambda st, b: nnx.merge(s.graphdef, st)[0].loss(b)[1])
+    eval_fn = jax.jit(lambda st, b: _eval_step(s.graphdef, st, b))
     log = _Logger(config, workdir, start, schedule, flops)
     try:
       for step in range(start, config.num_train_steps):

@@ -82,16 +82,100 @@ def test_elu_matches_quadratic_form(chunk, causal):
     assert not np.asarray(out[1, 0]).any()
 
 
+EPS = 1e-6  # the op's relative eps on key features (zoo/attention/linear.py)
+
+
+def numpy_favor_features(x, w_GxFxK, kv_head):
+  """FAVOR+ features in float64 with no stabiliser: phi(x) = exp(w x -
+  |x|^2 / 2) of x = head vector * K**-0.25, plus the op's eps scaled by the
+  key's largest feature (`kv_head` maps each head of x to its rows of w)."""
+  x = np.asarray(x, np.float64) * x.shape[-1]**-0.25
+  w = np.asarray(w_GxFxK, np.float64)[kv_head]  # HxFxK
+  logits = np.einsum("...hk,hfk->...hf", x, w) - (x * x).sum(-1)[..., None] / 2
+  return np.exp(logits), np.exp(logits.max(-1, keepdims=True))
+
+
+def numpy_favor(op, q, k, v, allowed):
+  """The FAVOR+ estimator of `op`'s draw, evaluated in float64."""
+  r = q.shape[2] // k.shape[2]
+  w = op.projection(q.shape[-1], k.shape[2])
+  phi_q, _ = numpy_favor_features(q, w, np.arange(q.shape[2]) // r)
+  phi_k, top_k = numpy_favor_features(k, w, np.arange(k.shape[2]))
+  return numpy_quadratic(phi_q, phi_k + EPS * top_k, v, allowed)
+
+
 @pytest.mark.parametrize("causal", [True, False])
-def test_favor_matches_quadratic_form_of_its_features(causal):
+def test_favor_matches_float64_estimator(causal):
   op = registry.build("attention", "linear(feature='favor', num_features=16, "
                       "chunk=4)")
   q, k, v = random_qkv(1)
   mask = key_mask()
   out = call(op, q, k, v, causal=causal, mask=mask)
-  ref = numpy_quadratic(op.features(q), op.features(k), v,
-                        allowed_mask(T, T, causal, mask))
+  ref = numpy_favor(op, q, k, v, allowed_mask(T, T, causal, mask))
   np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_favor_is_stable_for_large_key_norms(d):
+  """Keys of norm up to 100 (some aligned with a projection row, where the
+  unstabilised float32 feature is exp(88+) = inf): parallel, chunked causal
+  and recurrent forms stay finite and match the float64 estimator."""
+  op = registry.build("attention", "linear(feature='favor', num_features=64, "
+                      "chunk=4)")
+  rng = np.random.default_rng(d)
+  t, g = 9, 1
+  q = rng.standard_normal((1, t, 2, d)).astype(np.float32)
+  k = rng.standard_normal((1, t, g, d))
+  k /= np.linalg.norm(k, axis=-1, keepdims=True)
+  k *= np.linspace(1, 100, t)[None, :, None, None]
+  w = np.asarray(op.projection(d, g))
+  k[0, 4, 0] = 45 * w[0, 0] / np.linalg.norm(w[0, 0])  # aligned with a row
+  k = k.astype(np.float32)
+  v = rng.standard_normal((1, t, g, d)).astype(np.float32)
+  for causal in (False, True):
+    out = np.asarray(call(op, q, k, v, causal=causal))
+    assert np.isfinite(out).all()
+    ref = numpy_favor(op, q, k, v, allowed_mask(t, t, causal)[:1])
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
+  state = op.init_state(1, g, d)
+  outs = []
+  for i in range(t):
+    state, out = op.step(state, q[:, i], k[:, i], v[:, i])
+    outs.append(out)
+  np.testing.assert_allclose(np.stack(outs, 1), ref, rtol=1e-3, atol=1e-3)
+
+
+def test_favor_draws_differ_per_layer_head_and_redraw():
+  op = registry.build("attention", "linear(feature='favor', num_features=8, "
+                      "redraw_every=10)")
+  w = np.asarray(op.projection(D, 2))
+  assert w.shape == (2, 8, D) and not np.allclose(w[0], w[1])
+  assert not np.allclose(w, op.for_layer(1).projection(D, 2))
+  np.testing.assert_array_equal(w, op.for_layer(0).projection(D, 2))
+  assert not np.allclose(w, op.projection(D, 2, draw=1))
+  assert op.draw(None) == 0 and op.draw(jnp.array(9)) == 0
+  assert op.draw(jnp.array(10)) == 1
+  q, k, v = random_qkv(10)
+  at = jax.jit(lambda step: op(q, k, v, causal=True, step=step))
+  np.testing.assert_array_equal(at(0), at(9))
+  assert not np.allclose(at(0), at(10))
+  fixed = registry.build("attention", "linear(feature='favor', "
+                         "num_features=8)")
+  np.testing.assert_allclose(
+      jax.jit(lambda step: fixed(q, k, v, causal=True, step=step))(500),
+      call(fixed, q, k, v, causal=True), rtol=1e-5, atol=1e-6)
+
+
+def test_favor_defaults_follow_the_paper():
+  op = registry.build("attention", "linear(feature='favor')")
+  assert op.num_features == 256 and op.redraw_every == 0
+
+
+def test_elu_refuses_rotary_and_favor_takes_it():
+  assert "rotary" not in registry.build("attention", "linear").positions
+  assert "rotary" in registry.build("attention",
+                                    "linear(feature='favor')").positions
+  assert not registry.compatible("linear", "rope")
 
 
 @pytest.mark.parametrize("t,s", [(5, 13), (13, 5)])
@@ -110,7 +194,7 @@ def test_recurrent_steps_equal_causal_op(spec):
   kv_heads x F x K give the causal op's outputs."""
   op = registry.build("attention", spec)
   q, k, v = random_qkv(3)
-  state = op.init_state(B, G, op.feature_dim(D), D)
+  state = op.init_state(B, G, D)
 
   def body(state, qkv_t):
     return op.step(state, *qkv_t)
@@ -122,17 +206,14 @@ def test_recurrent_steps_equal_causal_op(spec):
                              call(op, q, k, v, causal=True), atol=2e-5)
 
 
-def test_favor_features_are_positive_and_deterministic_under_seed():
+def test_favor_projection_is_deterministic_under_seed_and_orthogonal():
   favor = lambda seed: registry.build(
       "attention", f"linear(feature='favor', num_features=12, seed={seed})")
-  x = jax.random.normal(jax.random.key(4), (3, 5, D))
-  phi = favor(0).features(x)
-  assert phi.shape == (3, 5, 12)
-  assert (np.asarray(phi) > 0).all()
-  np.testing.assert_array_equal(phi, favor(0).features(x))
-  assert not np.allclose(phi, favor(1).features(x))
+  w = np.asarray(favor(0).projection(D, 1))[0]
+  assert w.shape == (12, D)
+  np.testing.assert_array_equal(w, favor(0).projection(D, 1)[0])
+  assert not np.allclose(w, favor(1).projection(D, 1)[0])
   # Orthogonal blocks: rows within each block of D are orthogonal.
-  w = favor(0).projection(D)
   gram = w[:D] @ w[:D].T
   np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-4)
 
@@ -142,10 +223,21 @@ def test_favor_estimates_the_softmax_kernel():
   is close (about 1%; biased orthogonal blocks, e.g. an unsigned QR, give
   7% or more)."""
   op = registry.build("attention", "linear(feature='favor', num_features=8192)")
-  x = 0.3 * np.random.default_rng(1).standard_normal((6, D))
-  estimate = np.asarray(op.features(x) @ op.features(x).T, np.float64)
-  exact = np.exp(x @ x.T / np.sqrt(D))
+  x = 0.3 * np.random.default_rng(1).standard_normal((6, 1, D))
+  phi, _ = numpy_favor_features(x, op.projection(D, 1), np.array([0]))
+  estimate = phi[:, 0] @ phi[:, 0].T / 8192
+  exact = np.exp(x[:, 0] @ x[:, 0].T / np.sqrt(D))
   np.testing.assert_allclose(estimate, exact, rtol=0.04)
+
+
+def test_prefill_state_equals_steps():
+  op = registry.build("attention", "linear(feature='favor', num_features=8)")
+  q, k, v = random_qkv(11)
+  state = op.init_state(B, G, D)
+  for i in range(T):
+    state = op.step(state, q[:, i], k[:, i], v[:, i])[0]
+  for got, want in zip(op.prefill_state(k, v), state):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec", ["linear(chunk=4)",
@@ -191,6 +283,7 @@ def test_bias_is_refused():
     ("linear(num_features=0)", "num_features"),
     ("linear(chunk=0)", "chunk"),
     ("linear(seed=-1)", "seed"),
+    ("linear(redraw_every=-1)", "redraw_every"),
 ])
 def test_bad_arguments_are_refused(spec, arg):
   with pytest.raises(ValueError, match=rf"\({arg}="):

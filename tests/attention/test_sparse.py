@@ -40,9 +40,10 @@ def fixed_allowed(l, c, causal):
   return ok & (j <= i) if causal else ok
 
 
-def bigbird_allowed(layout, l, causal):
+def bigbird_allowed(layout_HxNxN, l, causal):
+  """HxTxT from a per-head block layout."""
   i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-  ok = layout[i // l, j // l]
+  ok = layout_HxNxN[:, i // l, j // l]
   return ok & (j <= i) if causal else ok
 
 
@@ -60,8 +61,18 @@ def call(op, q, k, v, causal=False, mask=None, bias=None):
                    causal, bias)
 
 
-def dense(q, k, v, allowed_TxS, mask=None, bias=None):
-  allowed = np.broadcast_to(allowed_TxS, (B, T, T))
+def dense(q, k, v, allowed, mask=None, bias=None):
+  """The dense op under `allowed` (TxS, or HxTxS: one mask per head, run
+  head by head) and an optional BxS padding mask."""
+  if allowed.ndim == 3:
+    r = q.shape[2] // k.shape[2]
+    head_bias = lambda h: None if bias is None else (
+        lambda qp, kp: bias(qp, kp)[h:h + 1])
+    return jnp.concatenate([
+        dense(q[:, :, h:h + 1], k[:, :, h // r:h // r + 1],
+              v[:, :, h // r:h // r + 1], allowed[h], mask, head_bias(h))
+        for h in range(q.shape[2])], axis=2)
+  allowed = np.broadcast_to(allowed, (B, T, T))
   if mask is not None:
     allowed = allowed & mask[:, None, :]
   return call("standard", q, k, v, mask=jnp.asarray(allowed), bias=bias)
@@ -69,7 +80,7 @@ def dense(q, k, v, allowed_TxS, mask=None, bias=None):
 
 SPARSE = [("sparse(pattern='strided', block=4)",
            lambda c: strided_allowed(4, c)),
-          ("sparse(pattern='fixed', block=4)",
+          ("sparse(pattern='fixed', block=4, summary=1)",
            lambda c: fixed_allowed(4, 1, c)),
           ("sparse(pattern='fixed', block=5, summary=2)",
            lambda c: fixed_allowed(5, 2, c))]
@@ -89,7 +100,7 @@ def test_sparse_matches_dense_with_pattern_mask(spec, allowed, causal, padded):
     assert not np.asarray(out[1, 0]).any()
 
 
-BIGBIRD = [(2, 1, 3, 2), (2, 2, 2, 1), (3, 0, 1, 3), (4, 1, 3, 0)]
+BIGBIRD = [(2, 1, 3, 2), (2, 2, 2, 1), (3, 0, 1, 3), (4, 1, 3, 0), (2, 3, 1, 1)]
 
 
 @pytest.mark.parametrize("block,num_global,num_window,num_random", BIGBIRD)
@@ -100,24 +111,43 @@ def test_bigbird_layout_follows_definition(block, num_global, num_window,
       "attention", f"bigbird(block={block}, num_global={num_global}, "
       f"num_window={num_window}, num_random={num_random})")
   n = 9
-  layout = op.block_layout(n, causal)
-  for i in range(n):
-    if causal:
-      fixed = set(range(min(num_global, i + 1)))
-      fixed |= set(range(max(i - num_window + 1, 0), i + 1))
-      free = set(range(i)) - fixed
-    else:
-      if i < num_global:
-        assert layout[i].all()
-        continue
-      low = i - (num_window - 1) // 2
-      fixed = set(range(num_global))
-      fixed |= set(range(max(low, 0), min(low + num_window, n)))
-      free = set(range(n)) - fixed
-    row = set(np.flatnonzero(layout[i]))
-    assert fixed <= row
-    assert row - fixed <= free
-    assert len(row - fixed) == min(num_random, len(free))
+  lead, trail = (num_global + 1) // 2, num_global // 2
+  glob = set(range(lead)) | (set() if causal else set(range(n - trail, n)))
+  for layout in op.block_layout(n, causal, num_heads=3):
+    for i in range(n):
+      if causal:
+        fixed = {j for j in glob if j <= i}
+        fixed |= set(range(max(i - num_window + 1, 0), i + 1))
+        free = set(range(i)) - fixed
+      else:
+        if i in glob:
+          assert layout[i].all()
+          continue
+        low = i - (num_window - 1) // 2
+        fixed = set(glob)
+        fixed |= set(range(max(low, 0), min(low + num_window, n)))
+        free = set(range(n)) - fixed
+      row = set(np.flatnonzero(layout[i]))
+      assert fixed <= row
+      assert row - fixed <= free
+      assert len(row - fixed) == min(num_random, len(free))
+
+
+def test_bigbird_random_blocks_differ_per_head_and_layer():
+  op = registry.build("attention", "bigbird(block=2)")
+  layouts = op.block_layout(16, False, num_heads=4)
+  assert all((layouts[0] != layouts[h]).any() for h in range(1, 4))
+  other_layer = op.for_layer(1).block_layout(16, False, num_heads=4)
+  assert (layouts != other_layer).any()
+  np.testing.assert_array_equal(layouts,
+                                op.for_layer(0).block_layout(16, False, 4))
+
+
+def test_bigbird_defaults_are_the_papers():
+  op = registry.build("attention", "bigbird")
+  assert (op.num_global, op.num_window, op.num_random) == (2, 3, 3)
+  np.testing.assert_array_equal(op.global_blocks(8, causal=False), [0, 7])
+  np.testing.assert_array_equal(op.global_blocks(8, causal=True), [0])
 
 
 @pytest.mark.parametrize("block,num_global,num_window,num_random", BIGBIRD)
@@ -126,11 +156,11 @@ def test_bigbird_matches_dense_with_layout_mask(block, num_global, num_window,
                                                 num_random, causal):
   op = registry.build(
       "attention", f"bigbird(block={block}, num_global={num_global}, "
-      f"num_window={num_window}, num_random={num_random})")
+      f"num_window={num_window}, num_random={num_random})").for_layer(2)
   q, k, v = random_qkv(1)
   mask = key_mask()
   out = call(op, q, k, v, causal=causal, mask=jnp.asarray(mask))
-  layout = op.block_layout(-(-T // block), causal)
+  layout = op.block_layout(-(-T // block), causal, num_heads=H)
   ref = dense(q, k, v, bigbird_allowed(layout, block, causal), mask)
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
@@ -150,7 +180,7 @@ def test_bigbird_is_deterministic_under_seed_and_differs_across_seeds():
 
 def small_bigbird_allowed(causal):
   layout = registry.build("attention", "bigbird(block=2, num_random=1)"
-                          ).block_layout(-(-T // 2), causal)
+                          ).block_layout(-(-T // 2), causal, num_heads=H)
   return bigbird_allowed(layout, 2, causal)
 
 
@@ -187,15 +217,13 @@ def test_gradients_match_dense(spec, allowed):
   mask = jnp.asarray(key_mask())
   w = jax.random.normal(jax.random.key(9), q.shape)
   op = registry.build("attention", spec)
-  allowed_BxTxS = jnp.asarray(allowed(True) & np.asarray(mask)[:, None, :])
-  dense_op = registry.build("attention", "standard")
 
   def grads(f):
     loss = lambda *qkv: jnp.sum(f(*qkv) * w)
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
   got = grads(lambda *a: op(*a, causal=True, mask=mask))
-  ref = grads(lambda *a: dense_op(*a, mask=allowed_BxTxS))
+  ref = grads(lambda *a: dense(*a, allowed(True), np.asarray(mask)))
   for g_op, g_ref in zip(got, ref):
     np.testing.assert_allclose(g_op, g_ref, atol=1e-5)
 
@@ -232,8 +260,8 @@ def test_unequal_lengths_are_refused(name):
 @pytest.mark.parametrize("spec,arg", [
     ("sparse(pattern='dilated')", "pattern"),
     ("sparse(block=0)", "block"),
-    ("sparse(block=4, summary=5)", "summary"),
-    ("sparse(summary=0)", "summary"),
+    ("sparse(pattern='fixed', block=4, summary=5)", "summary"),
+    ("sparse(pattern='fixed', summary=0)", "summary"),
     ("bigbird(block=0)", "block"),
     ("bigbird(num_global=-1)", "num_global"),
     ("bigbird(num_window=0)", "num_window"),

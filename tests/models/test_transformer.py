@@ -103,3 +103,24 @@ def test_learned_table_shorter_than_sequence_is_refused():
           position="learned(max_len=8)", num_layers=1, embed_dim=32,
           num_heads=4, num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0),
           dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def test_learned_positions_start_at_the_token_embeddings_scale():
+  model = registry.get("model", "lm")(
+      vocab_size=512, seq_len=256, attention="standard", position="learned",
+      num_layers=1, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=64,
+      rngs=nnx.Rngs(0))
+  tokens = float(np.std(np.asarray(model.trunk.embed.embedding[...])))
+  positions = float(np.std(np.asarray(model.trunk.position.table[...])))
+  assert abs(positions / tokens - 1) < 0.1, (positions, tokens)
+
+
+def test_each_layer_draws_its_own_random_structure():
+  model = registry.get("model", "lm")(
+      vocab_size=16, seq_len=16, attention="bigbird(block=2)",
+      position="none", num_layers=2, embed_dim=16, num_heads=2,
+      num_kv_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+  ops = [block.attention.op for block in model.trunk.blocks]
+  assert [op.layer for op in ops] == [0, 1]
+  assert (ops[0].block_layout(8, True, 2) != ops[1].block_layout(8, True, 2)
+          ).any()

@@ -97,8 +97,20 @@ def test_pair_trains_or_is_refused(attention, position):
 def test_linear_attention_refuses_a_bias():
   with pytest.raises(ValueError, match=r"attention 'linear' cannot take "
                      r"position 'alibi' \(a bias encoding\); with this "
-                     r"attention use one of: .*rope"):
+                     r"attention use one of: learned, none, sinusoidal"):
     lm("linear", "alibi")
+
+
+def test_rotary_is_refused_by_elu_and_taken_by_favor():
+  """elu(Rq) + 1 of rotated vectors makes scores depend on absolute
+  position, so elu features refuse rope; FAVOR+ estimates the rotated
+  softmax kernel and takes it."""
+  with pytest.raises(ValueError, match=r"attention 'linear' cannot take "
+                     r"position 'rope' \(a rotary encoding\)"):
+    lm("linear", "rope")
+  model = lm("linear(feature='favor', num_features=8, chunk=4)", "rope")
+  tokens = jnp.zeros((1, SEQ_LEN), jnp.int32)
+  assert np.isfinite(np.asarray(model(tokens))).all()
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi", "t5",

@@ -10,10 +10,10 @@ from zoo import registry
 from zoo.position.relative import alibi_slopes, t5_bucket
 
 
-def build(spec, num_heads=2):
+def build(spec, num_heads=2, causal=True):
   return registry.build("position", spec, embed_dim=8 * num_heads,
-                        num_heads=num_heads, seq_len=8, rngs=nnx.Rngs(0),
-                        param_dtype=jnp.float32)
+                        num_heads=num_heads, seq_len=8, causal=causal,
+                        rngs=nnx.Rngs(0), param_dtype=jnp.float32)
 
 
 def test_alibi_slopes_power_of_two():
@@ -98,6 +98,18 @@ def test_bias_on_blocks_matches_the_full_table(spec):
                                 full_HxTxS[:, 2:5, 6:10])
   # relative: shifting both positions changes nothing
   np.testing.assert_array_equal(bias(q_T + 37, k_S + 37), full_HxTxS)
+
+
+def test_t5_direction_follows_the_model():
+  """Decoder: no buckets for future keys; encoder: keys after the query get
+  their own buckets (T5's bidirectional form), unless the spec says."""
+  assert not build("t5", causal=True).bidirectional
+  assert build("t5", causal=False).bidirectional
+  assert not build("t5(bidirectional=False)", causal=False).bidirectional
+  encoder = build("t5", causal=False)
+  encoder.table[...] = jnp.arange(32.0)[:, None] + jnp.array([0.0, 100.0])
+  out_HxTxS = encoder.bias()(jnp.array([5]), jnp.array([4, 6]))
+  assert out_HxTxS[0, 0, 0] != out_HxTxS[0, 0, 1]
 
 
 def test_t5_table_is_learned():

@@ -9,9 +9,20 @@ earlier chunks, carried by a lax.scan over chunks, so time is linear in T.
 `step` is the same computation as a recurrence over that fixed-size state:
 the RNN view, for decoding. An additive position bias cannot enter a feature
 map, so this op takes none.
+
+FAVOR+ stability (the Performer stabiliser, made causal). A key's features
+are kept as phi(k) = phi_hat(k) * exp(shift(k)) with shift(k) the key's
+largest feature logit, so phi_hat is at most 1 + eps. A query divides every
+key weight by exp(M), M the largest shift among the keys it sees (a running
+maximum in the causal and recurrent forms, like an online softmax), which
+cancels exactly between numerator and normaliser: no exp overflows and no
+large-norm key underflows to zero features unless its true weight is
+negligible beside another key's. eps is added to phi_hat (relative to the
+key's own scale), so the normaliser stays positive.
 """
 
 import dataclasses
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +31,36 @@ import numpy as np
 from zoo import registry
 from zoo.attention.base import AttentionOp, group_queries
 
+_EPS = 1e-6  # added to FAVOR+ key features (relative to each key's largest)
+
 
 def _normalise(num, den):
   """num / den, zero where no key contributed (den == 0)."""
   return num / jnp.where(den > 0, den, 1.0)[..., None]
+
+
+def _rescale(old, new):
+  """exp(old - new) for running maxima new >= old; 0 where old is -inf (no
+  key yet), so -inf - -inf never makes a NaN."""
+  safe_new = jnp.where(jnp.isfinite(new), new, 0.0)
+  return jnp.where(jnp.isfinite(old), jnp.exp(old - safe_new), 0.0)
+
+
+def _orthogonal_gaussian(key, num_rows: int, dim: int):
+  """num_rows x dim: blocks of `dim` orthonormal rows, each row rescaled to
+  the norm of a Gaussian vector, so every row is Gaussian and rows within a
+  block are orthogonal. Blocks are Haar-random: Q of a Gaussian matrix's QR
+  with the signs of R's diagonal folded in (Q alone is biased)."""
+  blocks = -(-num_rows // dim)
+  keys = jax.random.split(key, blocks + 1)
+
+  def block(block_key):
+    q_KxK, r_KxK = jnp.linalg.qr(jax.random.normal(block_key, (dim, dim)))
+    return (q_KxK * jnp.sign(jnp.diagonal(r_KxK))).T
+
+  rows = jnp.concatenate([block(k) for k in keys[:blocks]])[:num_rows]
+  norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_rows, dim)), axis=1)
+  return rows * norms[:, None]
 
 
 @registry.register("attention", "linear")
@@ -32,159 +69,258 @@ class Linear(AttentionOp):
   """Kernel linear attention, out_t = phi(q_t).S / phi(q_t).z with
   S = sum phi(k_s) v_s^T and z = sum phi(k_s) over the visible keys.
 
-  feature "elu": phi(x) = elu(x) + 1, F = head_dim (num_features and seed
-  are unused). "favor": Performer's positive random features
-  phi(x) = exp(w x - |x|^2 / 2) / sqrt(F) of x = head vector * head_dim**-0.25,
-  with F = num_features rows w of orthogonal Gaussian blocks
-  (`projection`), an unbiased estimate of the softmax kernel. `chunk` is the
-  causal chunk length.
+  feature "elu": phi(x) = elu(x) + 1, F = head_dim (num_features, seed and
+  redraw_every are unused). "favor": Performer's positive random features
+  phi(x) = exp(w x - |x|^2 / 2) of x = head vector * head_dim**-0.25, with
+  F = num_features rows w of orthogonal Gaussian blocks, an unbiased
+  estimate of the softmax kernel; the rows are drawn per layer and per kv
+  head (`projection`), and with redraw_every = N > 0 redrawn every N
+  training steps, as the paper does (0, the default, keeps one draw).
+  num_features defaults to 256 (64 gives about 25% error against exact
+  softmax on unit-scale inputs at head_dim 16). `chunk` is the causal chunk
+  length.
+
+  Rotary positions are refused with elu features: elu(Rq) + 1 of rotated
+  q and k makes scores depend on absolute position. With FAVOR+, rotating q
+  and k first estimates the rotated softmax kernel exp(q.R k), which depends
+  only on the offset in expectation over draws (RoFormer's linear form,
+  rotating the features and not the normaliser, is not built).
   """
 
   feature: str = "elu"
-  num_features: int = 64
+  num_features: int = 256
   chunk: int = 64
+  redraw_every: int = 0
   seed: int = 0
-  positions = frozenset({"none", "absolute", "rotary"})
+  layer: int = 0
 
   def __post_init__(self):
     if self.feature not in ("elu", "favor"):
       raise ValueError(
           f"attention linear(feature=...) must be 'elu' or 'favor'; "
           f"got {self.feature!r}")
-    for name in ("num_features", "chunk"):
-      if getattr(self, name) < 1:
+    for name, low in (("num_features", 1), ("chunk", 1), ("redraw_every", 0),
+                      ("seed", 0)):
+      if getattr(self, name) < low:
         raise ValueError(
-            f"attention linear({name}=...) must be >= 1; "
+            f"attention linear({name}=...) must be >= {low}; "
             f"got {getattr(self, name)}")
-    if self.seed < 0:
-      raise ValueError(
-          f"attention linear(seed=...) must be >= 0; got {self.seed}")
+
+  @property
+  def positions(self) -> frozenset:
+    if self.feature == "elu":
+      return frozenset({"none", "absolute"})
+    return frozenset({"none", "absolute", "rotary"})
 
   def feature_dim(self, head_dim: int) -> int:
     """F, the size of phi(x) for head vectors of size head_dim."""
     return head_dim if self.feature == "elu" else self.num_features
 
-  def projection(self, head_dim: int) -> np.ndarray:
-    """FAVOR+ projection FxK: blocks of K orthonormal rows, each row
-    rescaled to the norm of a Gaussian vector, so every row is Gaussian.
-    The blocks are Haar-random: Q of a Gaussian matrix's QR with the signs
-    of R's diagonal folded in (LAPACK's Q alone is biased)."""
-    rng = np.random.default_rng(self.seed)
-    f = self.num_features
-    blocks = []
-    for _ in range(-(-f // head_dim)):
-      q_KxK, r_KxK = np.linalg.qr(rng.standard_normal((head_dim, head_dim)))
-      blocks.append((q_KxK * np.sign(np.diag(r_KxK))).T)
-    norms_F = np.linalg.norm(rng.standard_normal((f, head_dim)), axis=1)
-    return (np.concatenate(blocks)[:f] * norms_F[:, None]).astype(np.float32)
+  def draw(self, step: Optional[jax.Array]):
+    """Which FAVOR+ draw a training step uses (0 without redraws)."""
+    if not self.redraw_every or step is None:
+      return 0
+    return step // self.redraw_every
 
-  def features(self, x_xK, *, query: bool = False):
-    """phi(x) in fp32, ...xK -> ...xF, positive. For queries, FAVOR+
-    divides by the largest feature of each vector, a factor that cancels
-    between numerator and normaliser."""
-    x = x_xK.astype(jnp.float32)
+  def projection(self, head_dim: int, kv_heads: int, draw=0):
+    """FAVOR+ rows GxFxK, one block per kv head, from the key
+    (seed, layer, draw, head); `draw` may be traced."""
+    key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.key(self.seed), self.layer), draw)
+    draw_head = lambda g: _orthogonal_gaussian(
+        jax.random.fold_in(key, g), self.num_features, head_dim)
+    return jax.lax.stop_gradient(jax.vmap(draw_head)(jnp.arange(kv_heads)))
+
+  def query_features(self, q_xGxRxK, w_GxFxK):
+    """phi(q) ...xGxRxF, scaled by its largest feature (a factor that
+    cancels between numerator and normaliser)."""
+    x = q_xGxRxK.astype(jnp.float32)
     if self.feature == "elu":
       return jax.nn.elu(x) + 1.0
-    d = x.shape[-1]
-    x = x * d**-0.25
-    w_FxK = jnp.asarray(self.projection(d))
-    logits = x @ w_FxK.T - jnp.sum(x * x, axis=-1, keepdims=True) / 2
-    if query:
-      logits = logits - jax.lax.stop_gradient(
-          jnp.max(logits, axis=-1, keepdims=True))
-    return jnp.exp(logits) / np.sqrt(self.num_features)
+    logits = _favor_logits(x, w_GxFxK, "...grk,gfk->...grf")
+    return jnp.exp(logits - jax.lax.stop_gradient(
+        jnp.max(logits, axis=-1, keepdims=True)))
+
+  def key_features(self, k_xGxK, w_GxFxK, valid_x=None):
+    """(phi_hat ...xGxF, shift ...xG) with phi(k) = phi_hat * exp(shift)
+    (see the module docstring); masked keys get phi_hat 0, shift -inf."""
+    x = k_xGxK.astype(jnp.float32)
+    if self.feature == "elu":
+      phi_hat, shift = jax.nn.elu(x) + 1.0, jnp.zeros(x.shape[:-1])
+    else:
+      logits = _favor_logits(x, w_GxFxK, "...gk,gfk->...gf")
+      shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+      phi_hat = jnp.exp(logits - shift[..., None]) + _EPS
+    if valid_x is not None:
+      valid = jnp.broadcast_to(valid_x[..., None], shift.shape)
+      phi_hat = jnp.where(valid[..., None], phi_hat, 0.0)
+      shift = jnp.where(valid, shift, -jnp.inf)
+    return phi_hat, shift
+
+  def _weights(self, head_dim: int, kv_heads: int, draw):
+    if self.feature == "elu":
+      return None
+    return self.projection(head_dim, kv_heads, draw)
+
+  def __call__(self, q, k, v, *, causal: bool = False,
+               mask: Optional[jax.Array] = None, bias=None,
+               step: Optional[jax.Array] = None) -> jax.Array:
+    self.check(q, k, v, mask, bias)
+    return self._attend(q, k, v, causal=causal, mask=mask,
+                        draw=self.draw(step))
 
   def attend(self, q, k, v, *, causal, mask, bias):
+    del bias  # refused by check
+    return self._attend(q, k, v, causal=causal, mask=mask, draw=0)
+
+  def _attend(self, q, k, v, *, causal, mask, draw):
     b, t, h, d = q.shape
-    s, g = k.shape[1], k.shape[2]
-    phi_q_BxTxGxRxF = self.features(group_queries(q, g), query=True)
-    phi_k_BxSxGxF = self.features(k)
-    if mask is not None:
-      phi_k_BxSxGxF = jnp.where(mask[:, :, None, None], phi_k_BxSxGxF, 0.0)
+    g = k.shape[2]
+    w_GxFxK = self._weights(d, g, draw)
+    phi_q_BxTxGxRxF = self.query_features(group_queries(q, g), w_GxFxK)
+    phi_k_BxSxGxF, shift_BxSxG = self.key_features(k, w_GxFxK, mask)
     v_BxSxGxK = v.astype(jnp.float32)
     if causal:
-      out = self._causal(phi_q_BxTxGxRxF, phi_k_BxSxGxF, v_BxSxGxK)
+      out = self._causal(phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG,
+                         v_BxSxGxK)
     else:
-      state_BxGxFxK = jnp.einsum("bsgf,bsgk->bgfk", phi_k_BxSxGxF, v_BxSxGxK)
-      z_BxGxF = jnp.sum(phi_k_BxSxGxF, axis=1)
+      state_BxGxFxK, z_BxGxF, _ = _state(phi_k_BxSxGxF, shift_BxSxG,
+                                         v_BxSxGxK)
       out = _normalise(
           jnp.einsum("btgrf,bgfk->btgrk", phi_q_BxTxGxRxF, state_BxGxFxK),
           jnp.einsum("btgrf,bgf->btgr", phi_q_BxTxGxRxF, z_BxGxF))
     return out.reshape(b, t, h, d).astype(q.dtype)
 
-  def _causal(self, phi_q_BxTxGxRxF, phi_k_BxSxGxF, v_BxSxGxK):
+  def _causal(self, phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK):
     """Chunked causal form; query i sits at key position S - T + i."""
     t, s = phi_q_BxTxGxRxF.shape[1], phi_k_BxSxGxF.shape[1]
     # Align the ends: extra leading queries (S > T) are dropped afterwards,
-    # extra leading keys (T > S) have phi = 0 and v = 0. Then pad the common
-    # length u to whole chunks.
+    # extra leading keys (T > S) are masked. Then pad the common length u to
+    # whole chunks.
     u = max(t, s)
     c = min(self.chunk, u)
     n = -(-u // c)
 
-    def chunks(x, front):
+    def chunks(x, front, fill=0.0):
       pad = [(0, 0)] * x.ndim
       pad[1] = (front, n * c - u)
-      x = jnp.pad(x, pad)
+      x = jnp.pad(x, pad, constant_values=fill)
       return x.reshape(x.shape[0], n, c, *x.shape[2:])
 
     phi_q_BxNxCxGxRxF = chunks(phi_q_BxTxGxRxF, u - t)
     phi_k_BxNxCxGxF = chunks(phi_k_BxSxGxF, u - s)
+    shift_BxNxCxG = chunks(shift_BxSxG, u - s, -jnp.inf)
     v_BxNxCxGxK = chunks(v_BxSxGxK, u - s)
-    # Inside a chunk: the quadratic form, lower-triangular.
-    tri_CxC = jnp.tril(jnp.ones((c, c), jnp.float32))
-    a_BxNxCxGxRxC = jnp.einsum("bncgrf,bnegf->bncgre", phi_q_BxNxCxGxRxF,
-                               phi_k_BxNxCxGxF) * tri_CxC[:, None, None, :]
-    num_BxNxCxGxRxK = jnp.einsum("bncgre,bnegk->bncgrk", a_BxNxCxGxRxC,
+    # Running maximum of the key shifts: within a chunk, then across chunks.
+    local_max_BxNxCxG = jax.lax.cummax(shift_BxNxCxG, axis=2)
+    chunk_max_BxNxG = local_max_BxNxCxG[:, :, -1]
+    to_chunk_max = _rescale(shift_BxNxCxG, chunk_max_BxNxG[:, :, None])
+    (state_BxNxGxFxK, z_BxNxGxF, prev_max_BxNxG) = _before_each_chunk(
+        jnp.einsum("bncgf,bncg,bncgk->bngfk", phi_k_BxNxCxGxF, to_chunk_max,
+                   v_BxNxCxGxK),
+        jnp.einsum("bncgf,bncg->bngf", phi_k_BxNxCxGxF, to_chunk_max),
+        chunk_max_BxNxG)
+    query_max_BxNxCxG = jnp.maximum(prev_max_BxNxG[:, :, None],
+                                    local_max_BxNxCxG)
+    # Inside a chunk: the quadratic form, lower-triangular, each key scaled
+    # to the query's running maximum.
+    tri_CxE = np.tril(np.ones((c, c), bool))
+    exponent_BxNxCxExG = jnp.where(
+        tri_CxE[:, :, None] & jnp.isfinite(shift_BxNxCxG)[:, :, None],
+        shift_BxNxCxG[:, :, None] - jnp.where(
+            jnp.isfinite(query_max_BxNxCxG), query_max_BxNxCxG,
+            0.0)[:, :, :, None], -jnp.inf)
+    scale_BxNxCxGx1xE = jnp.exp(exponent_BxNxCxExG).transpose(
+        0, 1, 2, 4, 3)[:, :, :, :, None, :]
+    a_BxNxCxGxRxE = jnp.einsum("bncgrf,bnegf->bncgre", phi_q_BxNxCxGxRxF,
+                               phi_k_BxNxCxGxF) * scale_BxNxCxGx1xE
+    num_BxNxCxGxRxK = jnp.einsum("bncgre,bnegk->bncgrk", a_BxNxCxGxRxE,
                                  v_BxNxCxGxK)
-    den_BxNxCxGxR = jnp.sum(a_BxNxCxGxRxC, axis=-1)
-    # Across chunks: the state and normaliser of all earlier chunks.
-    state_BxNxGxFxK, z_BxNxGxF = _before_each_chunk(
-        (jnp.einsum("bncgf,bncgk->bngfk", phi_k_BxNxCxGxF, v_BxNxCxGxK),
-         jnp.sum(phi_k_BxNxCxGxF, axis=2)))
-    num_BxNxCxGxRxK += jnp.einsum("bncgrf,bngfk->bncgrk", phi_q_BxNxCxGxRxF,
-                                  state_BxNxGxFxK)
-    den_BxNxCxGxR += jnp.einsum("bncgrf,bngf->bncgr", phi_q_BxNxCxGxRxF,
-                                z_BxNxGxF)
+    den_BxNxCxGxR = jnp.sum(a_BxNxCxGxRxE, axis=-1)
+    # Across chunks: the state of all earlier chunks, rescaled likewise.
+    carry_BxNxCxGx1 = _rescale(prev_max_BxNxG[:, :, None],
+                               query_max_BxNxCxG)[..., None]
+    num_BxNxCxGxRxK += carry_BxNxCxGx1[..., None] * jnp.einsum(
+        "bncgrf,bngfk->bncgrk", phi_q_BxNxCxGxRxF, state_BxNxGxFxK)
+    den_BxNxCxGxR += carry_BxNxCxGx1 * jnp.einsum(
+        "bncgrf,bngf->bncgr", phi_q_BxNxCxGxRxF, z_BxNxGxF)
     out = _normalise(num_BxNxCxGxRxK, den_BxNxCxGxR)
     return out.reshape(out.shape[0], n * c, *out.shape[3:])[:, u - t:u]
 
-  def init_state(self, batch: int, heads: int, feature_dim: int,
-                 head_dim: int):
-    """Zero recurrent state (S BxGxFxK, z BxGxF); heads are kv heads G and
-    feature_dim is `feature_dim(head_dim)`."""
-    return (jnp.zeros((batch, heads, feature_dim, head_dim), jnp.float32),
-            jnp.zeros((batch, heads, feature_dim), jnp.float32))
+  def init_state(self, batch: int, kv_heads: int, head_dim: int):
+    """Empty recurrent state (S BxGxFxK, z BxGxF, running max BxG)."""
+    f = self.feature_dim(head_dim)
+    return (jnp.zeros((batch, kv_heads, f, head_dim), jnp.float32),
+            jnp.zeros((batch, kv_heads, f), jnp.float32),
+            jnp.full((batch, kv_heads), -jnp.inf, jnp.float32))
 
-  def step(self, state, q_BxHxK, k_BxGxK, v_BxGxK):
+  def prefill_state(self, k_BxSxGxK, v_BxSxGxK,
+                    mask_BxS: Optional[jax.Array] = None, step=None):
+    """The recurrent state after keys 0..S-1 (those `mask_BxS` keeps): what
+    S calls of `step` would leave, in one parallel pass."""
+    w_GxFxK = self._weights(k_BxSxGxK.shape[-1], k_BxSxGxK.shape[2],
+                            self.draw(step))
+    phi_k_BxSxGxF, shift_BxSxG = self.key_features(k_BxSxGxK, w_GxFxK,
+                                                   mask_BxS)
+    return _state(phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK.astype(jnp.float32))
+
+  def step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, step=None):
     """One causal decoding step: adds key t to the state, then attends query
     t. Returns (state, out_BxHxK); the same output as the causal op."""
-    state_BxGxFxK, z_BxGxF = state
+    state_BxGxFxK, z_BxGxF, max_BxG = state
     b, h, d = q_BxHxK.shape
     g = k_BxGxK.shape[1]
-    phi_k_BxGxF = self.features(k_BxGxK)
-    state_BxGxFxK = state_BxGxFxK + (
+    w_GxFxK = self._weights(d, g, self.draw(step))
+    phi_k_BxGxF, shift_BxG = self.key_features(k_BxGxK, w_GxFxK)
+    new_max_BxG = jnp.maximum(max_BxG, shift_BxG)
+    old_BxG, new_BxG = (_rescale(m, new_max_BxG) for m in (max_BxG,
+                                                           shift_BxG))
+    phi_k_BxGxF = phi_k_BxGxF * new_BxG[..., None]
+    state_BxGxFxK = state_BxGxFxK * old_BxG[..., None, None] + (
         phi_k_BxGxF[..., None] * v_BxGxK.astype(jnp.float32)[:, :, None, :])
-    z_BxGxF = z_BxGxF + phi_k_BxGxF
-    phi_q_BxGxRxF = self.features(q_BxHxK.reshape(b, g, h // g, d),
-                                  query=True)
+    z_BxGxF = z_BxGxF * old_BxG[..., None] + phi_k_BxGxF
+    phi_q_BxGxRxF = self.query_features(q_BxHxK.reshape(b, g, h // g, d),
+                                        w_GxFxK)
     out = _normalise(
         jnp.einsum("bgrf,bgfk->bgrk", phi_q_BxGxRxF, state_BxGxFxK),
         jnp.einsum("bgrf,bgf->bgr", phi_q_BxGxRxF, z_BxGxF))
-    return (state_BxGxFxK, z_BxGxF), out.reshape(b, h, d).astype(q_BxHxK.dtype)
+    return ((state_BxGxFxK, z_BxGxF, new_max_BxG),
+            out.reshape(b, h, d).astype(q_BxHxK.dtype))
 
 
-def _before_each_chunk(sums):
-  """For each array BxNx... of per-chunk sums, the sum over the chunks
-  before each chunk (zero for the first): the carried state of a lax.scan
-  over chunks. (jnp.cumsum lowers to a reduce-window, quadratic in N on
-  CPU.)"""
+def _favor_logits(x, w_GxFxK, spec: str):
+  """w x - |x|^2 / 2 of x = head vector * head_dim**-0.25 (fp32)."""
+  x = x * x.shape[-1]**-0.25
+  return jnp.einsum(spec, x, w_GxFxK) - jnp.sum(x * x, -1, keepdims=True) / 2
 
-  def add(total, x):
-    total_next = jax.tree.map(jnp.add, total, x)
-    return total_next, total
 
-  xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), sums)
-  _, before = jax.lax.scan(
-      add, jax.tree.map(lambda a: jnp.zeros_like(a[0]), xs), xs)
-  return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), before)
+def _state(phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK):
+  """(S BxGxFxK, z BxGxF, max BxG) of all keys, scaled to their largest
+  shift."""
+  max_BxG = jnp.max(shift_BxSxG, axis=1)
+  scale_BxSxG = _rescale(shift_BxSxG, max_BxG[:, None])
+  return (jnp.einsum("bsgf,bsg,bsgk->bgfk", phi_k_BxSxGxF, scale_BxSxG,
+                     v_BxSxGxK),
+          jnp.einsum("bsgf,bsg->bgf", phi_k_BxSxGxF, scale_BxSxG), max_BxG)
+
+
+def _before_each_chunk(state_BxNxGxFxK, z_BxNxGxF, max_BxNxG):
+  """Given each chunk's state and normaliser scaled to its own maximum,
+  the running (state, normaliser, maximum) of the chunks before each chunk
+  (zero and -inf for the first): the carry of a lax.scan over chunks.
+  (jnp.cumsum lowers to a reduce-window, quadratic in N on CPU.)"""
+
+  def add(carry, chunk):
+    state, z, top = carry
+    chunk_state, chunk_z, chunk_top = chunk
+    new_top = jnp.maximum(top, chunk_top)
+    old, new = _rescale(top, new_top), _rescale(chunk_top, new_top)
+    return ((state * old[..., None, None] + chunk_state * new[..., None, None],
+             z * old[..., None] + chunk_z * new[..., None], new_top), carry)
+
+  xs = tuple(jnp.moveaxis(a, 1, 0)
+             for a in (state_BxNxGxFxK, z_BxNxGxF, max_BxNxG))
+  init = (jnp.zeros_like(xs[0][0]), jnp.zeros_like(xs[1][0]),
+          jnp.full_like(xs[2][0], -jnp.inf))
+  _, before = jax.lax.scan(add, init, xs)
+  return tuple(jnp.moveaxis(a, 0, 1) for a in before)

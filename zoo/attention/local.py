@@ -26,7 +26,8 @@ from zoo.attention.base import AttentionOp, group_queries
 class Local(AttentionOp):
   """Sliding-window attention: a query at position p sees keys in
   (p - window, p] when causal and [p - window, p + window] when
-  bidirectional. Self-attention only (q_len == kv_len)."""
+  bidirectional, so up to `window` keys causal and 2 * window + 1
+  bidirectional (`keys_per_query`). Self-attention only (q_len == kv_len)."""
 
   window: int = 128
 
@@ -34,6 +35,12 @@ class Local(AttentionOp):
     if self.window < 1:
       raise ValueError(
           f"attention local(window=...) must be >= 1; got {self.window}")
+
+  def allows(self, i, j, *, t, causal, num_heads):
+    del t, num_heads
+    if causal:
+      return ((i - j >= 0) & (i - j < self.window))[None]
+    return (np.abs(i - j) <= self.window)[None]
 
   def attend(self, q, k, v, *, causal, mask, bias):
     b, t, h, d = q.shape

@@ -12,6 +12,7 @@ ops need q_len == kv_len.
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,22 +49,24 @@ def _from_blocks(out_BxNxLxGxRxK, t, dtype):
   return out_BxNxLxGxRxK.reshape(b, n * l, g * r, d)[:, :t].astype(dtype)
 
 
-def _part(q_BxNxLxGxRxK, k, v, keys, allowed, bias):
+def _part(q, k, v, keys, allowed, bias, query="bnlgrk"):
   """Softmax terms of one part of a pattern.
 
-  `keys` gives k's and v's layout in einsum letters, with m the key axis
-  (`bnmgk`: keys per query block; `bmlgk`: strided columns; `bmgk`: keys
-  shared by all queries). `allowed` and `bias` broadcast to the logits
-  BxNxLxGxRxM. Returns the unnormalised output BxNxLxGxRxK, the max and the
-  sum of exp(logit - max) (max is -inf where no key is allowed).
+  `query` and `keys` give q's and k's (v's) layouts in einsum letters, with
+  m the key axis (keys `bnmgk`: keys per query block; `bmlgk`: strided
+  columns; `bmgk`: keys shared by all queries). `allowed` and `bias`
+  broadcast to the logits (q's layout with m for its last letter). Returns
+  the unnormalised output (q's layout), the max and the sum of
+  exp(logit - max) (max is -inf where no key is allowed).
   """
-  logits = jnp.einsum(f"bnlgrk,{keys}->bnlgrm", q_BxNxLxGxRxK, k)
+  scores = query[:-1] + "m"
+  logits = jnp.einsum(f"{query},{keys}->{scores}", q, k)
   if bias is not None:
     logits = logits + bias
   logits = jnp.where(allowed, logits, -jnp.inf)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
   weights = jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)[..., None])
-  out = jnp.einsum(f"bnlgrm,{keys}->bnlgrk", weights, v)
+  out = jnp.einsum(f"{scores},{keys}->{query}", weights, v)
   return out, top, jnp.sum(weights, axis=-1)
 
 
@@ -122,7 +125,7 @@ class Sparse(AttentionOp):
 
   pattern: str = "strided"
   block: int = 64
-  summary: int = 1
+  summary: int = 8
 
   def __post_init__(self):
     if self.pattern not in ("strided", "fixed"):
@@ -132,10 +135,19 @@ class Sparse(AttentionOp):
     if self.block < 1:
       raise ValueError(
           f"attention sparse(block=...) must be >= 1; got {self.block}")
-    if not 1 <= self.summary <= self.block:
+    if self.pattern == "fixed" and not 1 <= self.summary <= self.block:
       raise ValueError(
           f"attention sparse(summary=...) must be in 1..block={self.block}; "
           f"got {self.summary}")
+
+  def allows(self, i, j, *, t, causal, num_heads):
+    del t, num_heads
+    l = self.block
+    if self.pattern == "strided":
+      ok = (np.abs(i - j) < l) | ((i - j) % l == 0)
+    else:
+      ok = (i // l == j // l) | (j % l >= l - self.summary)
+    return (ok & (j <= i) if causal else ok)[None]
 
   def attend(self, q, k, v, *, causal, mask, bias):
     q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
@@ -201,26 +213,32 @@ class Sparse(AttentionOp):
 @registry.register("attention", "bigbird")
 @dataclasses.dataclass(frozen=True)
 class BigBird(AttentionOp):
-  """BigBird block-sparse attention (Zaheer et al. 2020) on blocks of `block`
-  positions; `block_layout` gives the NxN block pattern.
+  """BigBird block-sparse attention (Zaheer et al. 2020, the ITC form) on
+  blocks of `block` positions; `block_layout` gives each head's NxN block
+  pattern.
 
-  Bidirectional, query block n sees key blocks: the global blocks
-  0..num_global-1; the window n - (num_window - 1) // 2 .. n + num_window // 2;
-  and num_random blocks drawn without replacement from the rest (fewer when
-  fewer remain). The global query blocks see every block. Causal, query block
-  n sees the global blocks at or below n, the window n - num_window + 1 .. n,
-  and num_random blocks drawn from the rest of blocks 0..n-1; inside the
-  diagonal block, keys j <= i. The random draw is numpy's default_rng(seed),
-  row by row, at trace time. Keys per query: at most
-  block x (num_global + num_window + num_random), plus all keys for the
-  global queries (bidirectional).
+  Bidirectional: the global blocks are the first ceil(num_global / 2) and the
+  last floor(num_global / 2) blocks (ITC's first and last); every query
+  block sees them and their queries see every block. Query block n also sees
+  the window n - (num_window - 1) // 2 .. n + num_window // 2 and num_random
+  blocks drawn without replacement from the rest (fewer when fewer remain).
+  Causal: query block n sees the leading global blocks at or below n (a
+  trailing global block lies in every other query's future, so causal runs
+  drop it), the window n - num_window + 1 .. n, and num_random blocks drawn
+  from the rest of blocks 0..n-1; inside the diagonal block, keys j <= i.
+  Random blocks are drawn per layer and per head, as in the paper: numpy's
+  default_rng((seed, layer, head)), row by row, at trace time. Defaults are
+  the paper's (2 global, 3 window, 3 random blocks). With a bias, each
+  head's gathered blocks evaluate the bias of every head (H-fold work on the
+  bias only).
   """
 
   block: int = 64
-  num_global: int = 1
+  num_global: int = 2
   num_window: int = 3
-  num_random: int = 2
+  num_random: int = 3
   seed: int = 0
+  layer: int = 0
 
   def __post_init__(self):
     for name, low in (("block", 1), ("num_global", 0), ("num_window", 1),
@@ -230,65 +248,113 @@ class BigBird(AttentionOp):
             f"attention bigbird({name}=...) must be >= {low}; "
             f"got {getattr(self, name)}")
 
-  def block_layout(self, num_blocks: int, causal: bool) -> np.ndarray:
-    """NxN bool: which key blocks each query block attends."""
-    n = num_blocks
-    rng = np.random.default_rng(self.seed)
-    layout = np.zeros((n, n), bool)
-    layout[:, :self.num_global] = True
-    if not causal:
-      layout[:self.num_global] = True
-    for i in range(n):
-      if causal:
-        layout[i, max(i - self.num_window + 1, 0):i + 1] = True
-        free = np.flatnonzero(~layout[i, :i])
-      else:
-        low = i - (self.num_window - 1) // 2
-        layout[i, max(low, 0):low + self.num_window] = True
-        free = np.flatnonzero(~layout[i])
-      picks = min(self.num_random, free.size)
-      if picks:
-        layout[i, rng.choice(free, picks, replace=False)] = True
-    return layout & np.tri(n, dtype=bool) if causal else layout
+  def global_blocks(self, num_blocks: int, causal: bool) -> np.ndarray:
+    """Indices of the global blocks (see the class docstring)."""
+    lead = min(-(-self.num_global // 2), num_blocks)
+    trail = 0 if causal else min(self.num_global // 2, num_blocks - lead)
+    return np.concatenate([np.arange(lead),
+                           np.arange(num_blocks - trail, num_blocks)])
+
+  def block_layout(self, num_blocks: int, causal: bool,
+                   num_heads: int = 1) -> np.ndarray:
+    """HxNxN bool: which key blocks each head's query blocks attend."""
+    return _bigbird_layout(self, num_blocks, causal, num_heads)
+
+  def allows(self, i, j, *, t, causal, num_heads):
+    l = self.block
+    layout_HxNxN = self.block_layout(-(-t // l), causal, num_heads)
+    ok = layout_HxNxN[:, i // l, j // l]
+    return ok & (j <= i) if causal else ok
 
   def attend(self, q, k, v, *, causal, mask, bias):
     q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
         "bigbird", q, k, v, mask, self.block)
-    b, n, l, g, _, d = q_BxNxLxGxRxK.shape
+    b, n, l, g, r, d = q_BxNxLxGxRxK.shape
+    h = g * r
     pos_NxL = np.arange(n * l).reshape(n, l)
-    layout = self.block_layout(n, causal)
+    layout_HxNxN = self.block_layout(n, causal, h)
     # Bidirectional global query blocks see every key: a dense part.
-    top = 0 if causal else min(self.num_global, n)
+    dense_rows = np.array([], int) if causal else self.global_blocks(n, False)
+    rows = np.setdiff1d(np.arange(n), dense_rows)
     outs = []
-    if top:
+    if dense_rows.size:
+      q_pos = pos_NxL[dense_rows].reshape(1, -1)
       allowed = valid_BxNxL.reshape(b, 1, 1, 1, 1, n * l)
       outs.append(_merge(_part(
-          q_BxNxLxGxRxK[:, :top], k_BxNxLxGxK.reshape(b, n * l, g, d),
+          q_BxNxLxGxRxK[:, dense_rows], k_BxNxLxGxK.reshape(b, n * l, g, d),
           v_BxNxLxGxK.reshape(b, n * l, g, d), "bmgk", allowed,
           None if bias is None else _block_bias(
-              bias, pos_NxL[:top].reshape(1, -1), pos_NxL.reshape(1, -1),
-              (0, 2, 1, 3), g).reshape(top, l, g, -1, n * l))))
-    if top < n:
-      rows = layout[top:]
-      width = rows.sum(axis=1).max()
-      idx_NxW = np.zeros((n - top, width), int)
-      used_NxW = np.zeros((n - top, width), bool)
-      for i, row in enumerate(rows):
+              bias, q_pos, pos_NxL.reshape(1, -1), (0, 2, 1, 3), g).reshape(
+                  dense_rows.size, l, g, -1, n * l))))
+    if rows.size:
+      outs.append(self._gathered(
+          q_BxNxLxGxRxK[:, rows], k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL,
+          layout_HxNxN[:, rows], pos_NxL[rows], causal, bias))
+    order = np.concatenate([dense_rows, rows])
+    out_BxNxLxGxRxK = jnp.concatenate(outs, axis=1)[:, np.argsort(order)]
+    return _from_blocks(out_BxNxLxGxRxK, q.shape[1], q.dtype)
+
+  def _gathered(self, q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL,
+                layout_HxNxN, q_pos_NxL, causal, bias):
+    """Each head's query blocks against the key blocks its layout row
+    names (gathered per head: random blocks differ between heads)."""
+    b, n, l, g, r, d = q_BxNxLxGxRxK.shape
+    h = g * r
+    width = layout_HxNxN.sum(-1).max()
+    idx_HxNxW = np.zeros((h, n, width), int)
+    used_HxNxW = np.zeros((h, n, width), bool)
+    for head in range(h):
+      for i, row in enumerate(layout_HxNxN[head]):
         cols = np.flatnonzero(row)
-        idx_NxW[i, :cols.size], used_NxW[i, :cols.size] = cols, True
-      k_pos_NxM = (idx_NxW[:, :, None] * l + np.arange(l)).reshape(n - top, -1)
-      q_pos_NxL = pos_NxL[top:]
-      ok_NxLxM = np.repeat(used_NxW, l, axis=1)[:, None, :]
+        idx_HxNxW[head, i, :cols.size] = cols
+        used_HxNxW[head, i, :cols.size] = True
+    kv_head_H = np.arange(h) // r
+    k_pos_HxNxM = (idx_HxNxW[..., None] * l + np.arange(l)).reshape(h, n, -1)
+    ok_HxNxLxM = np.repeat(used_HxNxW, l, axis=2)[:, :, None, :]
+    if causal:
+      ok_HxNxLxM = ok_HxNxLxM & (k_pos_HxNxM[:, :, None, :]
+                                 <= q_pos_NxL[None, :, :, None])
+    valid_BxHxNx1xM = valid_BxNxL[:, idx_HxNxW].reshape(b, h, n, 1, -1)
+    k_BxHxNxMxK, v_BxHxNxMxK = (
+        a.transpose(0, 3, 1, 2, 4)[:, kv_head_H[:, None, None], idx_HxNxW]
+        .reshape(b, h, n, width * l, d) for a in (k_BxNxLxGxK, v_BxNxLxGxK))
+    q_BxHxNxLxK = q_BxNxLxGxRxK.transpose(0, 3, 4, 1, 2, 5).reshape(
+        b, h, n, l, d)
+    bias_HxNxLxM = None
+    if bias is not None:
+      per_head = lambda head, q_pos, k_pos: bias(q_pos, k_pos)[head]
+      bias_HxNxLxM = jax.vmap(jax.vmap(per_head, (None, 0, 0)), (0, None, 0))(
+          jnp.arange(h), jnp.asarray(q_pos_NxL), jnp.asarray(k_pos_HxNxM)
+      ).astype(jnp.float32)
+    out_BxHxNxLxK = _merge(_part(
+        q_BxHxNxLxK, k_BxHxNxMxK, v_BxHxNxMxK, "bhnmk",
+        ok_HxNxLxM[None] & valid_BxHxNx1xM, bias_HxNxLxM, query="bhnlk"))
+    return out_BxHxNxLxK.reshape(b, g, r, n, l, d).transpose(0, 3, 4, 1, 2, 5)
+
+
+@functools.cache
+def _bigbird_layout(op: BigBird, n: int, causal: bool, num_heads: int
+                    ) -> np.ndarray:
+  """HxNxN block layout of `op` (cached: `allows` asks for it per chunk)."""
+  glob = op.global_blocks(n, causal)
+  layouts = np.zeros((num_heads, n, n), bool)
+  for head, layout in enumerate(layouts):
+    rng = np.random.default_rng((op.seed, op.layer, head))
+    layout[:, glob] = True
+    if not causal:
+      layout[glob] = True
+    for i in range(n):
       if causal:
-        ok_NxLxM = ok_NxLxM & (k_pos_NxM[:, None, :] <= q_pos_NxL[:, :, None])
-      allowed = ok_NxLxM[None] & valid_BxNxL[:, idx_NxW].reshape(
-          b, n - top, 1, -1)
-      k_BxNxMxGxK, v_BxNxMxGxK = (
-          a[:, idx_NxW].reshape(b, n - top, width * l, g, d)
-          for a in (k_BxNxLxGxK, v_BxNxLxGxK))
-      outs.append(_merge(_part(
-          q_BxNxLxGxRxK[:, top:], k_BxNxMxGxK, v_BxNxMxGxK, "bnmgk",
-          allowed[:, :, :, None, None],
-          None if bias is None else _block_bias(bias, q_pos_NxL, k_pos_NxM,
-                                                (0, 2, 1, 3), g))))
-    return _from_blocks(jnp.concatenate(outs, axis=1), q.shape[1], q.dtype)
+        layout[i, max(i - op.num_window + 1, 0):i + 1] = True
+        free = np.flatnonzero(~layout[i, :i])
+      else:
+        low = i - (op.num_window - 1) // 2
+        layout[i, max(low, 0):low + op.num_window] = True
+        free = np.flatnonzero(~layout[i])
+      picks = min(op.num_random, free.size)
+      if picks:
+        layout[i, rng.choice(free, picks, replace=False)] = True
+    if causal:
+      layout &= np.tri(n, dtype=bool)
+  layouts.flags.writeable = False
+  return layouts

@@ -16,6 +16,7 @@ from flax import nnx
 
 from zoo import registry
 from zoo.layers import TransformerBlock, build_attention_and_position, rms_norm
+from zoo.position.base import EMBED_STD
 from zoo.sharding import constrain, logical
 
 
@@ -28,24 +29,26 @@ class Trunk(nnx.Module):
                rngs: nnx.Rngs, dtype, param_dtype):
     op, self.position = build_attention_and_position(
         attention, position, embed_dim=embed_dim, num_heads=num_heads,
-        seq_len=seq_len, rngs=rngs, param_dtype=param_dtype)
+        seq_len=seq_len, causal=causal, rngs=rngs, param_dtype=param_dtype)
     self.embed = nnx.Embed(
         vocab_size, embed_dim, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=logical(nnx.initializers.normal(1.0), "vocab", "embed"),
+        embedding_init=logical(nnx.initializers.normal(EMBED_STD), "vocab",
+                               "embed"),
         rngs=rngs)
     self.blocks = nnx.List([
         TransformerBlock(embed_dim=embed_dim, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, mlp_dim=mlp_dim, op=op,
-                         causal=causal, rngs=rngs, dtype=dtype,
-                         param_dtype=param_dtype)
-        for _ in range(num_layers)])
+                         num_kv_heads=num_kv_heads, mlp_dim=mlp_dim,
+                         op=op.for_layer(i), causal=causal, rngs=rngs,
+                         dtype=dtype, param_dtype=param_dtype)
+        for i in range(num_layers)])
     self.norm = rms_norm(embed_dim, rngs, dtype, param_dtype)
 
-  def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None):
+  def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None,
+               step: Optional[jax.Array] = None):
     x_BxTxD = self.position.embed(self.embed(tokens_BxT))
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"))
     for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, self.position, mask_BxT)
+      x_BxTxD = block(x_BxTxD, self.position, mask_BxT, step)
     return self.norm(x_BxTxD)
 
 
@@ -67,13 +70,14 @@ class TransformerLM(nnx.Module):
                            kernel_init=logical(nnx.initializers.lecun_normal(),
                                                "embed", "vocab"), rngs=rngs)
 
-  def __call__(self, tokens_BxT):
-    """BxT tokens -> BxTxV logits (fp32)."""
-    return self.head(self.trunk(tokens_BxT)).astype(jnp.float32)
+  def __call__(self, tokens_BxT, step: Optional[jax.Array] = None):
+    """BxT tokens -> BxTxV logits (fp32); `step` is the training step (for
+    attention that redraws random features)."""
+    return self.head(self.trunk(tokens_BxT, step=step)).astype(jnp.float32)
 
-  def loss(self, batch):
+  def loss(self, batch, step: Optional[jax.Array] = None):
     """Weighted next-token cross-entropy and accuracy."""
-    logits_BxTxV = self(batch["inputs"])
+    logits_BxTxV = self(batch["inputs"], step)
     weights_BxT = batch["weights"].astype(jnp.float32)
     xent_BxT = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxTxV, batch["targets"])
@@ -104,15 +108,15 @@ class EncoderClassifier(nnx.Module):
                            bias_init=logical(nnx.initializers.zeros, None),
                            rngs=rngs)
 
-  def __call__(self, tokens_BxT, mask_BxT):
+  def __call__(self, tokens_BxT, mask_BxT, step: Optional[jax.Array] = None):
     """BxT tokens, BxT bool -> BxC logits (fp32)."""
-    h_BxTxD = self.trunk(tokens_BxT, mask_BxT)
+    h_BxTxD = self.trunk(tokens_BxT, mask_BxT, step)
     m_BxTx1 = mask_BxT[..., None].astype(h_BxTxD.dtype)
     pooled_BxD = (h_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
     return self.head(pooled_BxD).astype(jnp.float32)
 
-  def loss(self, batch):
-    logits_BxC = self(batch["inputs"], batch["mask"])
+  def loss(self, batch, step: Optional[jax.Array] = None):
+    logits_BxC = self(batch["inputs"], batch["mask"], step)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxC, batch["label"]).mean()
     accuracy = (jnp.argmax(logits_BxC, -1) == batch["label"]).mean()

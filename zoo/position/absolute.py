@@ -6,7 +6,7 @@ from flax import nnx
 
 from zoo import registry
 from zoo.sharding import logical
-from zoo.position.base import Position
+from zoo.position.base import EMBED_STD, Position
 
 
 @registry.register("position", "none")
@@ -48,7 +48,9 @@ class Sinusoidal(Position):
 @registry.register("position", "learned")
 class Learned(Position):
   """A learned vector per absolute position; `max_len` defaults to the
-  model's sequence length and may not be shorter."""
+  model's sequence length and may not be shorter. Initialised at the token
+  embeddings' scale (std 1.0), not GPT-2's 0.02 (which, beside unit-scale
+  tokens, starts positions 50x weaker)."""
 
   kind = "absolute"
 
@@ -62,7 +64,7 @@ class Learned(Position):
           f"position learned(max_len={max_len}) is shorter than the sequence "
           f"length {seq_len}; use max_len >= {seq_len} or a relative encoding "
           "(rope, alibi, t5)")
-    init = logical(nnx.initializers.normal(0.02), None, "embed")
+    init = logical(nnx.initializers.normal(EMBED_STD), None, "embed")
     self.table = nnx.Param(init(rngs.params(), (max_len, embed_dim),
                                 param_dtype))
 

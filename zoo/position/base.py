@@ -3,7 +3,7 @@
 A positional encoding is an `nnx.Module` built by the model as
 
     registry.build("position", spec, embed_dim=D, num_heads=H, seq_len=T,
-                   rngs=rngs, param_dtype=...)
+                   causal=..., rngs=rngs, param_dtype=...)
 
 (spec arguments have defaults; the keyword arguments above are context, and a
 part takes the ones it needs). Its `kind` says how it enters the model:
@@ -21,6 +21,11 @@ from typing import ClassVar, Optional
 from flax import nnx
 
 from zoo.attention.base import Bias
+
+# Init std of token embeddings and of learned position vectors: both enter the
+# residual stream at one scale (unit variance per coordinate, the scale the
+# fixed sinusoidal table has too: its entries have RMS 1/sqrt(2)).
+EMBED_STD = 1.0
 
 
 class Position(nnx.Module):

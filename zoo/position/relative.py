@@ -31,9 +31,10 @@ def alibi_slopes(num_heads: int) -> list[float]:
 @registry.register("position", "alibi")
 class Alibi(Position):
   """ALiBi (Press et al. 2022): a fixed per-head linear penalty on distance,
-  -slope * |q_pos - k_pos|. For causal attention this is the paper's
-  -slope * (q_pos - k_pos) on past keys (future keys are masked); the
-  absolute value is the symmetric bidirectional form. No parameters."""
+  -slope * |q_pos - k_pos|, no parameters. For causal attention this is the
+  paper's -slope * (q_pos - k_pos) on past keys (future keys are masked). In
+  an encoder the symmetric |i - j| carries distance but no direction: a key
+  before and a key after the query at equal distance are indistinguishable."""
 
   kind = "bias"
 
@@ -92,15 +93,19 @@ def t5_bucket(relative_position, *, bidirectional: bool, num_buckets: int,
 @registry.register("position", "t5")
 class T5Bias(Position):
   """T5 relative position bias (Raffel et al. 2020): a learned scalar per
-  head and log-spaced relative-distance bucket. Use bidirectional=False (the
-  default) with causal attention, True with an encoder."""
+  head and log-spaced relative-distance bucket. `bidirectional` defaults to
+  the model's direction (separate buckets for keys after the query in an
+  encoder, none in a decoder, as T5 does)."""
 
   kind = "bias"
 
   def __init__(self, num_buckets: int = 32, max_distance: int = 128,
-               bidirectional: bool = False, *, num_heads: int,
-               rngs: nnx.Rngs, param_dtype=jnp.float32, **context):
+               bidirectional: bool | None = None, *, num_heads: int,
+               causal: bool, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               **context):
     del context
+    if bidirectional is None:
+      bidirectional = not causal
     max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
     if max_exact < 1:
       raise ValueError(
