@@ -238,7 +238,7 @@ def test_auto_on_cpu_runs_the_pattern_op_with_a_warning(caplog):
     ("cpu", jnp.bfloat16, False, "pattern"),
 ])
 def test_default_kernel_per_device(platform, dtype, padded, kernel):
-  chosen, note = kernels.choose(None, False, platform, "standard", dtype,
+  chosen, note = kernels.choose(None, platform, "standard", dtype,
                                 padded, True)
   assert chosen == kernel
   assert bool(note) == (kernel == "pattern")
@@ -247,7 +247,7 @@ def test_default_kernel_per_device(platform, dtype, padded, kernel):
 @pytest.mark.parametrize("platform", ["tpu", "gpu", "cpu"])
 def test_sparse_patterns_and_decoding_fall_back_with_a_note(platform):
   for pattern, square in (("bigbird", True), ("standard", False)):
-    chosen, note = kernels.choose(None, False, platform, pattern,
+    chosen, note = kernels.choose(None, platform, pattern,
                                   jnp.bfloat16, False, square)
     if platform == "tpu" and square:
       assert chosen == "splash"
@@ -269,9 +269,8 @@ def test_keys_per_query_and_pattern_are_the_like_ops():
 
 @pytest.mark.parametrize("spec,message", [
     ("splash(implementation='splash')",
-     r"needs a TPU; this machine has cpu; use splash\(implementation='splash'"
-     r", interpret=True for a slow check, or implementation=None \(here: "
-     r"standard's own op\)"),
+     r"needs a TPU; this machine has cpu; use interpret=True for a slow "
+     r"check, or implementation=None \(which runs standard's own op here\)"),
     ("splash(implementation='flash')", "needs a GPU; this machine has cpu"),
     ("splash(implementation='cudnn')", "needs a GPU; this machine has cpu"),
     ("splash(implementation='mosaic')", r"implementation=\.\.\.\) must be"),
@@ -297,8 +296,7 @@ def test_refusals_at_call():
   with pytest.raises(ValueError, match="cannot take an additive position"):
     op(q, k, v, bias=lambda i, j: jnp.zeros((H, 16, 16)))
   with pytest.raises(ValueError, match="needs bfloat16 or float16 inputs"):
-    kernels.choose("cudnn", False, "gpu", "standard", jnp.float32, False,
-                   True)
+    kernels.choose("cudnn", "gpu", "standard", jnp.float32, False, True)
   assert not registry.compatible("splash", "alibi")
   assert registry.compatible("splash", "rope")
 

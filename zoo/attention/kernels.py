@@ -105,12 +105,11 @@ class Splash(AttentionOp):
     here = jax.default_backend()
     needs = IMPLEMENTATIONS.get(impl)
     if needs and needs != here and not self.interpret:
-      slow = ("" if impl == "cudnn" else
-              f"implementation={impl!r}, interpret=True for a slow check, or ")
+      slow = "" if impl == "cudnn" else "interpret=True for a slow check, or "
       raise ValueError(
           f"attention splash(implementation={impl!r}) needs a "
-          f"{needs.upper()}; this machine has {here}; use splash({slow}"
-          f"implementation=None (here: {self.like}'s own op)")
+          f"{needs.upper()}; this machine has {here}; use {slow}"
+          f"implementation=None (which runs {self.like}'s own op here)")
 
   def allows(self, i, j, *, t, causal, num_heads):
     return self.pattern.allows(i, j, t=t, causal=causal, num_heads=num_heads)
@@ -124,7 +123,7 @@ class Splash(AttentionOp):
   def attend(self, q, k, v, *, causal, mask, bias):
     del bias  # refused by `check`: not in `positions`
     kernel, note = choose(
-        self.implementation, self.interpret, jax.default_backend(),
+        self.implementation, jax.default_backend(),
         registry.parse(self.like)[0], q.dtype, mask is not None,
         q.shape[1] == k.shape[1])
     if note:
@@ -210,8 +209,7 @@ class Splash(AttentionOp):
     return out_BxTxHxK[:, :t].astype(q.dtype)
 
 
-def choose(implementation, interpret, platform, pattern, dtype, padded,
-           square):
+def choose(implementation, platform, pattern, dtype, padded, square):
   """(kernel, note): the kernel a call runs ('splash', 'flash', 'cudnn' or
   'pattern', the pattern op's own XLA code) and why, when it is not the one
   asked for. Refuses calls a chosen kernel cannot honour."""
