@@ -1,0 +1,70 @@
+"""Byte-level language modelling on a text file: bits per byte of every
+attention family (with rope) and of every position encoding (with standard
+attention), at equal steps and at equal training time, and bits per byte
+against training tokens/s (the Pareto plot).
+
+  python -m experiments.sweep \
+      --grid=experiments/grids/text.py:/path/to/file.txt
+  python -m experiments.sweep \
+      --grid=experiments/grids/text.py:/path/to/file.txt --preset=quick \
+      --out=/tmp/text
+
+The file comes after the colon (as configs/text.py takes it); its last 10%
+is the eval split. Local, sparse and bigbird get window / block sizes whose
+keys per query are closest to KEYS[preset] (`grids.at_budget`). Training
+time is the sum of the logged windows' step times (metrics.jsonl:
+steps / tokens_per_s), leaving out compilation and evaluation; on a shared
+machine it carries the other jobs' noise, which the intervals over seeds
+show.
+"""
+
+from configs import text as text_config
+from experiments import grids
+
+FAMILIES = ["standard", "local", "sparse", "bigbird",
+            "linear(feature='elu')", "linear(feature='favor')"]
+POSITIONS = ["none", "sinusoidal", "learned", "rope", "alibi", "t5"]
+
+# (seq_len, layers, width, heads, steps, batch)
+SIZES = {"quick": (64, 1, 32, 2, 20, 16),
+         "cpu": (128, 2, 64, 4, 600, 32),
+         "full": (1024, 6, 384, 6, 10000, 64)}
+KEYS = {"quick": 16, "cpu": 32, "full": 128}
+
+
+def get_grid(preset: str, text_path: str = "") -> grids.Grid:
+  if not text_path:
+    raise ValueError("the text grid needs a file: "
+                     "--grid=experiments/grids/text.py:PATH")
+  seq_len, layers, width, heads, steps, batch = SIZES[preset]
+  config = text_config.get_config(text_path)
+  config.num_train_steps = steps
+  config.batch_size = batch
+  config.warmup_steps = max(1, steps // 10)
+  config.log_every_steps = max(1, steps // 20)
+  config.eval_every_steps = 2 * config.log_every_steps
+  config.checkpoint_every_steps = max(1, steps // 4)
+  config.max_checkpoints_to_keep = 1
+  m = config.model
+  m.num_layers, m.embed_dim, m.mlp_dim = layers, width, 4 * width
+  m.num_heads = m.num_kv_heads = heads
+  config.data.seq_len = seq_len
+
+  def derive(c):
+    c.model.attention = grids.at_budget(c.model.attention, KEYS[preset],
+                                        c.data.seq_len, causal=True)
+
+  seeds = [0, 1, 2]
+  return grids.Grid(
+      name="text", title="Byte-level LM: attention families and positions",
+      description=(__doc__.split("\n\n", 1)[0].replace("\n", " ")
+                   + f" Text: `{text_path}`."),
+      base=config,
+      axes=[{"model.attention": FAMILIES, "model.position": ["rope"],
+             "seed": seeds},
+            {"model.attention": ["standard"], "model.position": POSITIONS,
+             "seed": seeds}],
+      analysis=grids.Analysis(
+          metric="eval_bits_per_token", higher_is_better=False,
+          line=("model.attention", "model.position"), time_views=True),
+      derive=derive)

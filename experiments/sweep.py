@@ -1,0 +1,346 @@
+"""The sweep harness: a grid file's cells, each one `train_and_evaluate` run
+in its own workdir, then the report (experiments/report.py).
+
+  python -m experiments.sweep --grid=experiments/grids/mqar.py   # cpu preset
+  python -m experiments.sweep --grid=experiments/grids/mqar.py --preset=quick \
+      --out=/tmp/mqar
+  python -m experiments.sweep --grid=... --task_index=$I --num_tasks=$N
+  python -m experiments.sweep --grid=... --report_only
+
+A cell's workdir, OUT/cells/NAME, holds what the trainer writes
+(metrics.jsonl, config.json, checkpoints/) plus DONE (JSON: the finishing
+session's wall seconds and device) or FAILED (the one-line error). Rerunning
+the same command skips cells with either file and resumes an interrupted
+cell from its newest checkpoint, so a sweep killed at any moment loses at
+most the steps since that checkpoint; --retry_failed runs the failed cells
+again from scratch. Task i of --num_tasks=n runs cells i, i + n, i + 2n, ... of the
+grid's fixed order, so an array job (Slurm, Kubernetes indexed jobs) with a
+shared OUT spreads a sweep over machines with no coordinator. One task
+(n = 1) writes the report when it ends; with n > 1, --report_only writes it
+from whatever cells have finished, at any time.
+"""
+
+import copy
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+
+from experiments import grids, report
+from zoo import metrics, registry, train
+
+DONE, FAILED = "DONE", "FAILED"
+
+
+@dataclasses.dataclass
+class Cell:
+  """One run of the sweep: `axes` are its labels (every axis key of the
+  grid, with the base config's value where its product has no such axis);
+  `error` is set when its config could not be built."""
+
+  name: str
+  axes: dict[str, Any]
+  config: ml_collections.ConfigDict
+  error: str = ""
+
+
+def load_grid(arg: str, preset: str) -> grids.Grid:
+  """The Grid of `FILE` or `FILE:ARG` (passed to get_grid after the
+  preset), checked."""
+  path, _, extra = arg.partition(":")
+  if not os.path.isfile(path):
+    raise ValueError(f"--grid={arg}: no grid file {path!r}")
+  module_name = "zoo_grid_" + re.sub(r"\W", "_", os.path.abspath(path))
+  spec = importlib.util.spec_from_file_location(module_name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  grid = module.get_grid(preset, extra) if extra else module.get_grid(preset)
+  grid.check()
+  return grid
+
+
+def one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0]}" if text else type(
+      error).__name__
+
+
+def _set(config, key: str, value):
+  *parents, last = key.split(".")
+  for part in parents:
+    if part not in config:
+      raise ValueError(f"no config key {key!r}")
+    config = config[part]
+  if last not in config:
+    raise ValueError(f"no config key {key!r}")
+  config[last] = value
+
+
+def _get(config, key: str):
+  """The value at a dotted key, or None where there is none."""
+  for part in key.split("."):
+    if part not in config:
+      return None
+    config = config[part]
+  return config
+
+
+def cell_name(overrides: dict[str, Any]) -> str:
+  """A readable folder name from the overrides, with a hash of them so
+  names stay distinct after shortening."""
+  text = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+  text = re.sub(r"[^A-Za-z0-9_.,=+-]+", "_", text).strip("_")[:120]
+  digest = hashlib.sha1(json.dumps(overrides, sort_keys=True).encode())
+  return f"{text}-{digest.hexdigest()[:8]}"
+
+
+def expand(grid: grids.Grid) -> list[Cell]:
+  """Every cell of the grid, in its fixed order."""
+  keys = grid.axis_keys()
+  cells = []
+  for overrides in grids.overrides(grid):
+    config = copy.deepcopy(grid.base)
+    axes = {k: overrides[k] if k in overrides else _get(grid.base, k)
+            for k in keys}
+    error = ""
+    try:
+      for key, value in overrides.items():
+        _set(config, key, value)
+      if grid.derive:
+        grid.derive(config)
+    except (TypeError, ValueError) as e:
+      error = one_line(e)
+    cells.append(Cell(cell_name(overrides), axes, config, error))
+  return cells
+
+
+def shard(cells: list[Cell], task_index: int, num_tasks: int) -> list[Cell]:
+  """Task `task_index`'s cells: every `num_tasks`-th from its index."""
+  if not 0 <= task_index < num_tasks:
+    raise ValueError(f"--task_index={task_index} must be in "
+                     f"[0, --num_tasks={num_tasks})")
+  return cells[task_index::num_tasks]
+
+
+def status(workdir: str) -> str:
+  """done, failed, interrupted (started, not finished) or pending."""
+  if os.path.exists(os.path.join(workdir, DONE)):
+    return "done"
+  if os.path.exists(os.path.join(workdir, FAILED)):
+    return "failed"
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    return "interrupted"
+  return "pending"
+
+
+def _write_atomic(path: str, text: str):
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_unchanged(cells: list[Cell], root: str):
+  """Raises ValueError if a started cell ran another config than the grid
+  now gives it (the grid file was edited): its results would be mixed.
+  Failed cells are exempt: a retry starts them afresh."""
+  for cell in cells:
+    path = os.path.join(root, cell.name, "config.json")
+    if (cell.error or not os.path.exists(path)
+        or status(os.path.join(root, cell.name)) == "failed"):
+      continue
+    with open(path) as f:
+      ran = _flat(json.load(f))
+    now = _flat(json.loads(cell.config.to_json()))
+    changed = sorted(k for k in ran.keys() | now.keys()
+                     if ran.get(k) != now.get(k))
+    if changed:
+      raise ValueError(
+          f"cell {cell.name} in {root} ran another config (changed: "
+          f"{', '.join(changed)}); give a new --out or delete the cell")
+
+
+def run_cell(cell: Cell, workdir: str) -> str:
+  """Trains (or resumes) one cell; returns done, failed or preempted (the
+  trainer saved and returned early on SIGTERM)."""
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  error = cell.error
+  if not error:
+    try:
+      train.train_and_evaluate(cell.config, workdir)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("cell %s failed", cell.name)
+      error = one_line(e)
+    finally:
+      jax.clear_caches()
+  if error:
+    logging.error("cell %s failed: %s", cell.name, error)
+    _write_atomic(os.path.join(workdir, FAILED), error + "\n")
+    return "failed"
+  rows = metrics.read(workdir)
+  if not rows or rows[-1]["step"] < cell.config.num_train_steps:
+    return "preempted"
+  _write_atomic(os.path.join(workdir, DONE), json.dumps({
+      "wall_s": time.time() - start,
+      "device": jax.devices()[0].device_kind,
+      "device_count": jax.device_count()}))
+  return "done"
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return (f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600
+          else f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def run(cells: list[Cell], root: str, retry_failed: bool = False) -> bool:
+  """Runs this task's unfinished cells in order with progress and ETA;
+  returns False if preempted."""
+  states = {c.name: status(os.path.join(root, c.name)) for c in cells}
+  skip = {"done"} | (set() if retry_failed else {"failed"})
+  todo = [c for c in cells if states[c.name] not in skip]
+  finished = len(cells) - len(todo)
+  logging.info("sweep: %d cells in this task: %d done, %d failed, %d to run",
+               len(cells), sum(s == "done" for s in states.values()),
+               sum(s == "failed" for s in states.values()), len(todo))
+  start = time.time()
+  for i, cell in enumerate(todo):
+    workdir = os.path.join(root, cell.name)
+    if states[cell.name] == "failed":
+      shutil.rmtree(workdir)
+    cell_start = time.time()
+    outcome = run_cell(cell, workdir)
+    if outcome == "preempted":
+      logging.warning("sweep: preempted in cell %s; rerun the same command "
+                      "to resume", cell.name)
+      return False
+    per_cell = (time.time() - start) / (i + 1)
+    logging.info("sweep: %d/%d cells done; %s %s in %s; ETA %s",
+                 finished + i + 1, len(cells), cell.name, outcome,
+                 _duration(time.time() - cell_start),
+                 _duration(per_cell * (len(todo) - i - 1)))
+  return True
+
+
+def _causal(task_spec: str) -> bool:
+  return registry.get("task", registry.parse(task_spec)[0]).model == "lm"
+
+
+
+
+def record(cell: Cell, root: str, metric: str) -> dict:
+  """What the report needs of a cell: status, error, and for a finished
+  cell its value (the last logged `metric`), eval curve of (step, training
+  seconds, value), training seconds (the logged windows' steps over their
+  tokens/s: compilation and evaluation left out) and tokens/s (the median
+  window after the first, which holds warm-up) from metrics.jsonl, the
+  attention as run and its key budget."""
+  workdir = os.path.join(root, cell.name)
+  r = {"name": cell.name, "axes": cell.axes, "status": status(workdir)}
+  if r["status"] == "failed":
+    with open(os.path.join(workdir, FAILED)) as f:
+      r["error"] = f.read().strip()
+  if r["status"] != "done":
+    return r
+  with open(os.path.join(workdir, DONE)) as f:
+    r.update(json.load(f))
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  rows = metrics.read(workdir)
+  tokens_per_step = config["batch_size"] * config["data"]["seq_len"]
+  seconds, step, curve = 0.0, 0, []
+  for row in rows:
+    seconds += (row["step"] - step) * tokens_per_step / row["tokens_per_s"]
+    step = row["step"]
+    if metric in row:
+      curve.append((step, seconds, row[metric]))
+  if not curve:
+    return {**r, "status": "failed",
+            "error": f"no {metric} in metrics.jsonl (keys: "
+                     f"{', '.join(sorted(rows[-1]))})"}
+  steady = [row["tokens_per_s"] for row in rows[1:]] or [rows[0][
+      "tokens_per_s"]]
+  m = config["model"]
+  r.update(value=curve[-1][2], curve=curve, train_s=seconds,
+           tokens_per_s=sorted(steady)[len(steady) // 2],
+           attention=m["attention"],
+           keys_per_query=registry.build("attention", m["attention"])
+           .keys_per_query(config["data"]["seq_len"],
+                           _causal(config["data"]["task"])))
+  return r
+
+
+def sweep_command(grid: str, preset: str, out: str, cells: str) -> str:
+  """The command that runs the whole sweep (any --task_index split of it
+  gives the same cells)."""
+  args = [f"--grid={grid}", f"--preset={preset}"]
+  args += [f"--out={out}"] if out else []
+  args += [f"--cells={cells}"] if cells else []
+  return " ".join(["python -m experiments.sweep"] + [shlex.quote(a)
+                                                     for a in args])
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(train._quiet_orbax)  # pylint: disable=protected-access
+  f = flags.FLAGS
+  try:
+    grid = load_grid(f.grid, f.preset)
+    cells = expand(grid)
+    out = report.results_dir(grid.name, f.out)
+    root = f.cells or os.path.join(out, "cells")
+    mine = shard(cells, f.task_index, f.num_tasks)
+    check_unchanged(mine, root)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if not f.report_only:
+    os.makedirs(root, exist_ok=True)
+    _write_atomic(os.path.join(root, ".gitignore"), "*\n")
+    if not run(mine, root, f.retry_failed) or f.num_tasks > 1:
+      return
+  records = [record(c, root, grid.analysis.metric) for c in cells]
+  report.write_sweep(grid, records,
+                     cmd=sweep_command(f.grid, f.preset, f.out, f.cells),
+                     preset=f.preset, out_dir=out)
+
+
+def _define_flags():
+  """Flags; defined only when run as a program, so importing this module
+  (tests, notebooks) defines none."""
+  flags.DEFINE_string("grid", None, "Grid file (FILE or FILE:ARG).",
+                      required=True)
+  flags.DEFINE_enum("preset", "cpu", list(grids.PRESETS), "Grid size.")
+  flags.DEFINE_string("out", "", "Report folder (default "
+                      "experiments/results/GRID_NAME).")
+  flags.DEFINE_string("cells", "", "Folder of the cells' workdirs (default "
+                      "OUT/cells).")
+  flags.DEFINE_integer("task_index", 0, "This task's index in an array job.")
+  flags.DEFINE_integer("num_tasks", 1, "Tasks in the array job.")
+  flags.DEFINE_bool("report_only", False, "Write the report from the "
+                    "finished cells; run nothing.")
+  flags.DEFINE_bool("retry_failed", False, "Run failed cells again.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

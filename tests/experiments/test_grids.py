@@ -1,0 +1,61 @@
+"""The experiments' grid files expand for every preset, and the key-budget
+helper picks the size whose budget is closest."""
+
+import dataclasses
+
+import pytest
+
+from experiments import grids, sweep
+from zoo import registry
+
+GRIDS = "experiments/grids/"
+
+
+@pytest.mark.parametrize("preset", grids.PRESETS)
+@pytest.mark.parametrize("name", ["mqar", "listops", "text"])
+def test_grid_files_expand(name, preset, tmp_path):
+  arg = f"{GRIDS}{name}.py"
+  if name == "text":
+    (tmp_path / "t.txt").write_text("to be or not to be " * 200)
+    arg += f":{tmp_path / 't.txt'}"
+  grid = sweep.load_grid(arg, preset)
+  cells = sweep.expand(grid)
+  assert not [c.error for c in cells if c.error]
+  assert {c.axes["seed"] for c in cells} == {0, 1, 2}
+  families = {c.axes["model.attention"] for c in cells}
+  assert {"standard", "local", "sparse", "bigbird"} <= families
+  assert {"linear(feature='elu')", "linear(feature='favor')"} <= families
+  budgeted = [c for c in cells if c.axes["model.attention"] == "local"]
+  assert all(c.config.model.attention.startswith("local(window=")
+             for c in budgeted)
+
+
+def test_text_grid_needs_a_file():
+  with pytest.raises(ValueError, match="needs a file"):
+    sweep.load_grid(f"{GRIDS}text.py", "quick")
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeWindow:
+  """Sees the last `window` keys (causal) or `window` on each side."""
+
+  window: int = 1
+
+  def keys_per_query(self, t: int, causal: bool) -> float:
+    return float(min(self.window if causal else 2 * self.window + 1, t))
+
+
+def test_at_budget_picks_the_largest_size_within_the_budget(monkeypatch):
+  assert grids.sizes(40) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16, 19, 23,
+                             27, 32, 38]
+  monkeypatch.setitem(registry._PARTS["attention"], "fake", FakeWindow)  # pylint: disable=protected-access
+  monkeypatch.setitem(grids.BUDGET_ARGS, "fake", "window")
+  grids.at_budget.cache_clear()
+  assert grids.at_budget("fake", 32, 256, True) == "fake(window=32)"
+  assert grids.at_budget("fake", 31.5, 256, True) == "fake(window=27)"
+  assert grids.at_budget("fake", 33, 256, False) == "fake(window=16)"
+  assert grids.at_budget("fake", 0.5, 256, True) == "fake(window=1)"
+  assert grids.at_budget("fake", 300, 256, True) == "fake(window=256)"
+  assert grids.at_budget("fake(window=5)", 33, 256, True) == "fake(window=5)"
+  assert grids.at_budget("standard", 8, 256, True) == "standard"
+  grids.at_budget.cache_clear()
