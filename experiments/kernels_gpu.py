@@ -85,10 +85,11 @@ def check(spec, dtype, causal, padded, shape):
 
   def dense(q, k, v):
     valid_BxT = jnp.ones((b, t), bool) if mask is None else mask
-    return jnp.concatenate([ref(
-        q[:, :, h:h + 1], k[:, :, h // r:h // r + 1], v[:, :, h // r:h // r + 1],
-        mask=allowed_HxTxT[h][None] & valid_BxT[:, None, :])
-                            for h in range(heads)], axis=2)
+    head = lambda x, h: x[:, :, h:h + 1]
+    return jnp.concatenate([
+        ref(head(q, h), head(k, h // r), head(v, h // r),
+            mask=allowed_HxTxT[h][None] & valid_BxT[:, None, :])
+        for h in range(heads)], axis=2)
 
   def outputs_and_grads(f, *qkv):
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)

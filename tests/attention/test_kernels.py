@@ -88,8 +88,9 @@ def dense(q, k, v, allowed_HxTxT, mask):
   r = q.shape[2] // k.shape[2]
   allowed_HxTxT = np.broadcast_to(allowed_HxTxT, (H,) + allowed_HxTxT.shape[1:])
   valid_BxT = np.ones(k.shape[:2], bool) if mask is None else mask
+  head = lambda x, h: x[:, :, h:h + 1]
   return jnp.concatenate([
-      ref(q[:, :, h:h + 1], k[:, :, h // r:h // r + 1], v[:, :, h // r:h // r + 1],
+      ref(head(q, h), head(k, h // r), head(v, h // r),
           mask=jnp.asarray(allowed_HxTxT[h][None] & valid_BxT[:, None, :]))
       for h in range(H)], axis=2)
 
@@ -217,10 +218,10 @@ def test_gpu_flash_kernel_matches_dense(causal):
 def test_auto_on_cpu_runs_the_pattern_op_with_a_warning(caplog):
   q, k, v = random_qkv(5, t=16)
   like = "local(window=4)"
-  got = jax.jit(lambda *a: registry.build("attention", f"splash(like={like!r})")(
-      *a, causal=True))(q, k, v)
-  want = jax.jit(lambda *a: registry.build("attention", like)(
-      *a, causal=True))(q, k, v)
+  op, pattern = (registry.build("attention", spec)
+                 for spec in (f"splash(like={like!r})", like))
+  got = jax.jit(lambda *a: op(*a, causal=True))(q, k, v)
+  want = jax.jit(lambda *a: pattern(*a, causal=True))(q, k, v)
   np.testing.assert_array_equal(got, want)
   kernels._WARNED.clear()
   with caplog.at_level("WARNING"):
@@ -303,21 +304,24 @@ def test_refusals_at_call():
 
 def _worker_sharded():
   """On a data x fsdp x tensor = 2 x 2 x 2 mesh under the default rules,
-  splash (batch over data+fsdp, heads over tensor) equals the unsharded
-  call: GQA with kv heads split, MQA with kv heads repeated, BigBird's
-  per-head masks, a padding mask; values and gradients. Returns the worst
+  the kernels (batch over data+fsdp, heads over tensor) equal the unsharded
+  call, values and gradients: splash with GQA (kv heads split), BigBird's
+  per-head masks and a padding mask; splash with MQA (kv heads repeated);
+  flash with 48 positions (padding segment ids sharded). Returns the worst
   error relative to each result's largest entry."""
   import flax.linen as nn
   from zoo import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   worst = 0.0
-  for g, like in ((2, BIGBIRD), (1, "standard")):
+  for g, t, spec, padded in (
+      (2, T, splash(BIGBIRD), True), (1, T, splash("standard"), True),
+      (2, 48, "splash(implementation='flash', interpret=True)", False)):
     rng = np.random.default_rng(g)
-    q = rng.standard_normal((4, T, H, D), np.float32)
-    k, v = (rng.standard_normal((4, T, g, D), np.float32) for _ in "kv")
-    mask = jnp.asarray(rng.random((4, T)) < 0.8)
-    op = registry.build("attention", splash(like)).for_layer(1)
+    q = rng.standard_normal((4, t, H, D), np.float32)
+    k, v = (rng.standard_normal((4, t, g, D), np.float32) for _ in "kv")
+    mask = jnp.asarray(rng.random((4, t)) < 0.8) if padded else None
+    op = registry.build("attention", spec).for_layer(1)
     step = lambda: jax.jit(jax.value_and_grad(
         lambda q, k, v: jnp.sum(op(q, k, v, causal=True, mask=mask) ** 2),
         argnums=(0, 1, 2)))

@@ -141,7 +141,7 @@ class Splash(AttentionOp):
     g = k.shape[2]
     block = min(self.block_size, _round_up(t, LANES))
     tp = _round_up(t, block)
-    scaled = (q.astype(jnp.float32) / np.sqrt(d)).astype(q.dtype)
+    scaled = (q.astype(jnp.float32) * d**-0.5).astype(q.dtype)
     q_BxHxTxK, k_BxGxTxK, v_BxGxTxK = (
         _pad_length(x, tp).transpose(0, 2, 1, 3) for x in (scaled, k, v))
     valid_BxT = None if mask is None else _pad_length(mask, tp)
@@ -168,12 +168,13 @@ class Splash(AttentionOp):
         k_BxGxTxK, v_BxGxTxK = (jnp.repeat(x, h // g, axis=1)
                                 for x in (k_BxGxTxK, v_BxGxTxK))
       spec = P(batch, heads)
+      kernel_spec = kernel.manual_sharding_spec(
+          NamedSharding(mesh, P(heads, None)))
+      valid_spec = None if valid_BxT is None else P(batch)
       out_BxHxTxK = jax.shard_map(
           run, mesh=mesh, check_vma=False, out_specs=spec,
-          in_specs=(kernel.manual_sharding_spec(
-              NamedSharding(mesh, P(heads, None))), spec, spec, spec,
-                    None if valid_BxT is None else P(batch)))(
-                        kernel, q_BxHxTxK, k_BxGxTxK, v_BxGxTxK, valid_BxT)
+          in_specs=(kernel_spec, spec, spec, spec, valid_spec))(
+              kernel, q_BxHxTxK, k_BxGxTxK, v_BxGxTxK, valid_BxT)
     return out_BxHxTxK.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
   def _flash(self, q, k, v, causal):
@@ -194,18 +195,18 @@ class Splash(AttentionOp):
     def run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT):
       return gpu_attention.mha(
           q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT,
-          sm_scale=float(1 / np.sqrt(d)), causal=causal,
+          sm_scale=d**-0.5, causal=causal,
           interpret=self.interpret)
 
     if mesh is None:
       out_BxTxHxK = run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT)
     else:
       spec = P(batch, None, heads)
+      segments_spec = None if segments_BxT is None else P(batch)
       out_BxTxHxK = jax.shard_map(
           run, mesh=mesh, check_vma=False, out_specs=spec,
-          in_specs=(spec, spec, spec,
-                    None if segments_BxT is None else P(batch)))(
-                        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT)
+          in_specs=(spec, spec, spec, segments_spec))(
+              q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT)
     return out_BxTxHxK[:, :t].astype(q.dtype)
 
 
