@@ -11,14 +11,12 @@ experiments/results/attention_cost/.
   python -m experiments.attention_cost --lengths=1024,4096,16384,65536  # GPU
 """
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import report
+from experiments import report, timing
 from zoo import registry
 
 _LENGTHS = flags.DEFINE_list(
@@ -46,22 +44,6 @@ def _inputs(t, dtype=jnp.float32):
   return [jax.random.normal(k, (1, t, HEADS, HEAD_DIM), dtype) for k in keys]
 
 
-def _median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
-def _peak_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes
-             + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
 def measure(spec: str, t: int, repeats: int, limit: float):
   op = registry.build("attention", spec)
   forward = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
@@ -72,11 +54,11 @@ def measure(spec: str, t: int, repeats: int, limit: float):
   row = {"op": spec, "length": t}
   for name, fn in (("forward", forward), ("forward_backward", both)):
     compiled = fn.lower(*args).compile()
-    row[f"{name}_bytes"] = _peak_bytes(compiled)
+    row[f"{name}_bytes"] = timing.peak_bytes(compiled)
     if row[f"{name}_bytes"] > limit * 2**30:
       row[f"{name}_s"] = None
       continue
-    row[f"{name}_s"] = _median_seconds(compiled, args, repeats)
+    row[f"{name}_s"] = timing.median_seconds(compiled, args, repeats)
   return row
 
 
@@ -91,14 +73,15 @@ def measure_torch(t: int, repeats: int):
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out.backward(grad)
 
-  run()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
   return {"op": "torch_sdpa", "length": t,
-          "forward_backward_s": float(np.median(times))}
+          "forward_backward_s": timing.median_seconds(run, (), repeats)}
+
+
+def default_specs() -> list[str]:
+  """Every registered op at its defaults, FAVOR+ beside elu linear; not
+  splash, which off TPU/GPU runs its pattern's op."""
+  specs = [n for n in registry.names("attention") if n != "splash"]
+  return specs + ["linear(feature='favor')"]
 
 
 def exponent(rows, key):
@@ -112,7 +95,7 @@ def exponent(rows, key):
 
 def main(argv):
   del argv
-  specs = _OPS.value or registry.names("attention")
+  specs = _OPS.value or default_specs()
   lengths = [int(t) for t in _LENGTHS.value]
   rows = []
   for spec in specs:
