@@ -88,6 +88,10 @@ _BANDWIDTH = flags.DEFINE_float(
 _PEAK = flags.DEFINE_float("peak_tflops", 275.0, "Assumed peak TFLOP/s per "
                            "chip for the compute time beside it.")
 _MFU = flags.DEFINE_float("mfu", 0.5, "Assumed model FLOPs utilisation.")
+_RULES = flags.DEFINE_string("rules", "", "mesh.rules to compile with "
+                             "(default: the config's).")
+_LAYOUTS = flags.DEFINE_list("layouts", [], "Layout names (default: all; "
+                             f"from {', '.join(LAYOUTS)}).")
 _OUT = flags.DEFINE_string("out", "", "Output folder (default "
                            "experiments/results/communication).")
 
@@ -149,6 +153,8 @@ def make_config(layout, num_layers, embed_dim, seq_len, batch_size):
   config.data.seq_len, config.batch_size = seq_len, batch_size
   config.data.task = "mqar(num_pairs=4, vocab_size=64, num_train=8, num_eval=8)"
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = layout
+  if _RULES.value:
+    config.mesh.rules = _RULES.value
   return config
 
 
@@ -259,8 +265,8 @@ def pod_rows(batch: int, bandwidth: float, peak: float, mfu: float):
 
 def main(argv):
   del argv
-  layouts = (["data8", "fsdp8", "tensor8"] if _QUICK.value
-             else list(LAYOUTS))
+  layouts = _LAYOUTS.value or (["data8", "fsdp8", "tensor8"] if _QUICK.value
+                               else list(LAYOUTS))
   shape = dict(num_layers=_LAYERS.value, embed_dim=_WIDTH.value,
                seq_len=_SEQ.value, batch_size=_BATCH.value)
   if _QUICK.value:
@@ -315,10 +321,12 @@ def main(argv):
       + ("\n".join(findings) or "Nowhere (within 10%).")
       + "\n\nFSDP's extra all-reduce is the gradient reduction done as an "
       "all-reduce plus slice on XLA:CPU (a reduce-scatter would move half "
-      "the bytes). Layouts mixing fsdp and tensor also gather the token "
-      "embedding (vocabulary on tensor, width on fsdp) in full: XLA warns of "
-      "an 'involuntary full rematerialization' of that gather; a rule "
-      "that shards the embedding table on one axis only avoids it.",
+      "the bytes). In layouts mixing fsdp and tensor, XLA warns of an "
+      "'involuntary full rematerialization' at the token-embedding gather "
+      "(it replicates a tensor to reshard it); rules without vocab=tensor "
+      "(--rules=batch=data+fsdp,embed=fsdp,heads=tensor,mlp=tensor) still "
+      "warn, so the cause is not the vocabulary sharding alone (not yet "
+      "found).",
       f"## Extrapolated to a 256-chip pod\n\nThe analytic model with "
       f"{_BANDWIDTH.value:g} GB/s per chip, {_PEAK.value:g} TFLOP/s peak at "
       f"{_MFU.value:g} MFU, global batch {_POD_BATCH.value} sequences, "
