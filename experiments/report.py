@@ -9,6 +9,7 @@ import math
 import os
 import shlex
 import sys
+import textwrap
 
 import numpy as np
 from scipy import stats
@@ -66,11 +67,15 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float, int]:
 
 
 def format_ci(mean: float, half: float, n: int) -> str:
+  """`mean ± half (n=N)`: four significant digits, two for the half-width,
+  whole numbers from 1000 (10 for the half-width) up."""
   if n == 0:
     return "-"
+  text = f"{mean:.0f}" if abs(mean) >= 1000 else f"{mean:.4g}"
   if n == 1:
-    return f"{mean:.4g} (n=1)"
-  return f"{mean:.4g} ± {half:.2g} (n={n})"
+    return f"{text} (n=1)"
+  return (f"{text} ± {half:.0f}" if half >= 10 else
+          f"{text} ± {half:.2g}") + f" (n={n})"
 
 
 def _short(key: str) -> str:
@@ -128,6 +133,7 @@ def summarize(records: list[dict], analysis) -> list[dict]:
                else choices[0])
     row["failed"] = sum(r["failed"] for r in choices)
     row["unfinished"] = sum(r["unfinished"] for r in choices)
+    row["choices"] = len(choices)
     rows.append(row)
   if a.time_views:
     for panel in _unique(r["panel"] for r in rows):
@@ -159,7 +165,7 @@ def _time_views(rows: list[dict], higher_is_better: bool):
 def _entry(row, a, with_best: bool) -> str:
   text = format_ci(row["mean"], row["half"], row["n"])
   notes = [f"{_short(k)}={v}" for k, v in row["best"].items()] if (
-      with_best and row["n"]) else []
+      with_best and row["n"] and row["choices"] > 1) else []
   if row["failed"]:
     notes.append(f"{row['failed']} failed")
   if row["unfinished"]:
@@ -261,7 +267,8 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
                            squeeze=False)
   for i, panel in enumerate(panels):
     prows = [r for r in rows if r["panel"] == panel and r["n"]]
-    name = ", ".join(f"{_short(k)}={v}" for k, v in zip(a.panels, panel))
+    name = textwrap.fill(", ".join(f"{_short(k)}={v}"
+                                   for k, v in zip(a.panels, panel)), 48)
     if a.x:
       ax = axes[0, i]
       for line in _unique(r["line"] for r in prows):
@@ -273,8 +280,8 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
       xs = sorted(_unique(r["x"] for r in prows))
       if xs and min(xs) > 0 and max(xs) >= 4 * min(xs):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
+      ax.set_xticks(xs, [str(x) for x in xs])
       ax.set(xlabel=_short(a.x), ylabel=a.metric, title=name)
       continue
     labels = [_label(r["line"]) for r in prows]

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import platform
 import re
 import shlex
 import shutil
@@ -250,10 +251,11 @@ def _causal(task_spec: str) -> bool:
 
 def record(cell: Cell, root: str, metric: str) -> dict:
   """What the report needs of a cell: status, error, and for a finished
-  cell its value (the last logged `metric`), eval curve of (step, training
-  seconds, value), training seconds (the logged windows' steps over their
-  tokens/s: compilation and evaluation left out) and tokens/s (the median
-  window after the first, which holds warm-up) from metrics.jsonl, the
+  cell its value (the last logged `metric`), its training tokens/s (the
+  median logged window, leaving out the first, which holds warm-up, and
+  those that hold an evaluation), its training seconds at that speed
+  (compilation, evaluation and checkpoints left out: what a longer run
+  spends per step) and eval curve of (step, training seconds, value), the
   attention as run and its key budget."""
   workdir = os.path.join(root, cell.name)
   r = {"name": cell.name, "axes": cell.axes, "status": status(workdir)}
@@ -267,22 +269,21 @@ def record(cell: Cell, root: str, metric: str) -> dict:
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   rows = metrics.read(workdir)
-  tokens_per_step = config["batch_size"] * config["data"]["seq_len"]
-  seconds, step, curve = 0.0, 0, []
-  for row in rows:
-    seconds += (row["step"] - step) * tokens_per_step / row["tokens_per_s"]
-    step = row["step"]
-    if metric in row:
-      curve.append((step, seconds, row[metric]))
+  curve = [(row["step"], row[metric]) for row in rows if metric in row]
   if not curve:
     return {**r, "status": "failed",
             "error": f"no {metric} in metrics.jsonl (keys: "
                      f"{', '.join(sorted(rows[-1]))})"}
-  steady = [row["tokens_per_s"] for row in rows[1:]] or [rows[0][
-      "tokens_per_s"]]
+  # Windows holding an evaluation count its time; the first, warm-up.
+  steady = [row["tokens_per_s"] for row in rows[1:] if metric not in row]
+  steady = sorted(steady or [row["tokens_per_s"] for row in rows])
+  tokens_per_s = steady[len(steady) // 2]
+  seconds_per_step = (config["batch_size"] * config["data"]["seq_len"]
+                      / tokens_per_s)
   m = config["model"]
-  r.update(value=curve[-1][2], curve=curve, train_s=seconds,
-           tokens_per_s=sorted(steady)[len(steady) // 2],
+  r.update(value=curve[-1][1], train_s=rows[-1]["step"] * seconds_per_step,
+           tokens_per_s=tokens_per_s,
+           curve=[(step, step * seconds_per_step, v) for step, v in curve],
            attention=m["attention"],
            keys_per_query=registry.build("attention", m["attention"])
            .keys_per_query(config["data"]["seq_len"],
@@ -316,6 +317,12 @@ def main(argv):
   if not f.report_only:
     os.makedirs(root, exist_ok=True)
     _write_atomic(os.path.join(root, ".gitignore"), "*\n")
+    # Cells that differ only in seed compile the same programs: a
+    # persistent cache (per host, as compiled CPU code may not move
+    # between machines) compiles them once.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(
+        root, ".jax_cache", platform.node()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if not run(mine, root, f.retry_failed) or f.num_tasks > 1:
       return
   records = [record(c, root, grid.analysis.metric) for c in cells]

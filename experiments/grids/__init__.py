@@ -20,6 +20,11 @@ from zoo import registry
 
 PRESETS = ("quick", "cpu", "full")
 
+# Every attention family the experiments compare (the mission's standard,
+# local, sparse and linear, with BigBird and both linear feature maps).
+FAMILIES = ["standard", "local", "sparse", "bigbird",
+            "linear(feature='elu')", "linear(feature='favor')"]
+
 # The argument that sets each attention family's key budget; the other
 # families (dense, linear) see every visible key.
 BUDGET_ARGS = {"local": "window", "sparse": "block", "bigbird": "block"}

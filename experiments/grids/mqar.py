@@ -7,74 +7,91 @@ learning rate kept per point.
   python -m experiments.sweep --grid=experiments/grids/mqar.py \
       --preset=quick --out=/tmp/mqar
 
-Local, sparse and bigbird get window / block sizes whose keys per query
-are closest to KEYS[preset] at every length (`grids.at_budget`), so the
-panels run from "about the dense budget" (the shortest length) to a
-fraction of it; dense and linear attention see every earlier key. The MLP
-is 4x the width. Learning rate is an axis: each point reports the rate
-with the best mean over seeds (Zoology keeps the best over its sweep too;
-picking by the reported metric favours every variant alike).
+Local, sparse and bigbird get the largest window / block with which a
+query sees at most the preset's `keys` (`grids.at_budget`) at every
+length, so the longer panels give them a smaller share of the dense
+budget; dense and linear attention see every earlier key. The MLP is 4x the width. Learning
+rate is an axis: each point reports the rate with the best mean over seeds
+(as Zoology keeps the best of its learning-rate sweep; the pick is made on
+the reported metric, alike for every variant). The CPU preset has one
+rate, the one the probes below found best.
 
-Sizing (probes on this 2-core machine, standard attention, 2 layers, width
-64, batch 32, vocab 64): MQAR learning is a sharp transition. 4 pairs at
-length 64 with lr 3e-3 sat at 0.25 accuracy until step 300 and reached
-0.88 at 400 and 1.0 by 600; 8 pairs (vocab 128) at length 128 stayed at
-0.12-0.13 (the 1/8 of guessing among the sequence's values) through 1500
-steps at lr 3e-3, as at 1e-3. So the CPU preset keeps 4 pairs and trains
-past the transition.
+Sizing the CPU preset (probes on the shared 2-core machine: standard
+attention, learned positions, 2 layers, batch 32, vocabulary 64, lr 3e-3
+unless said). MQAR is learned in a sharp transition, from 0.25 accuracy
+(4 pairs: guessing among the sequence's values) to near 1.0 within about
+100 steps, at a step that grows with length and pairs:
+- width 64, 4 pairs: length 16 reached 0.83 at step 200 and 0.99 at 250;
+  length 32 0.99 at 300; length 64 sat at 0.25 until 300, 0.88 at 400, 1.0
+  by 600; length 128 sat at 0.25 until 600, 0.98 at 800 (with rope instead
+  of learned positions: still 0.24 at 600). 2 pairs at length 16: 0.95 at
+  200.
+- lr 1e-2 (width 64, length 64): still 0.25 after 500 steps. The measured
+  default (lr 1e-3, 8 pairs, vocabulary 128, length 128) stays at
+  0.12-0.13, the 1/8 of guessing among 8 values, through 1500 steps, and
+  so does lr 3e-3; 8 pairs at length 64 (vocabulary 64): 0.13 after 800.
+- width 16, length 64, 4 pairs: 0.22 after 600 steps.
+Throughput (2 layers, batch 32, machine shared with other jobs): width 64
+at about 20 steps/s at length 32, 12-15 at 64, 7 at 128; width 16 at 34
+steps/s at length 64. So the CPU preset keeps 4 pairs (more pairs do not
+clear the transition in CPU time) at lengths 16-64, with 300-700 steps:
+length 128 alone would need about 2 minutes per cell, 54 cells per panel.
+Estimated CPU preset wall time: about 80 minutes (per cell: steps over the
+throughput above plus about 7 s of compilation, data and checkpoints; 162
+cells).
 """
 
 from configs import default
 from experiments import grids
 
-FAMILIES = ["standard", "local", "sparse", "bigbird",
-            "linear(feature='elu')", "linear(feature='favor')"]
-
 PRESETS = {
-    # (seq_len, num_pairs) panels, widths, learning rates, steps, batch,
-    # vocabulary, training examples, key budget.
-    "quick": dict(panels=[(32, 4)], widths=[16, 32], lrs=[3e-3], steps=30,
-                  batch=16, vocab=64, examples=1000, keys=16),
-    "cpu": dict(panels=[(32, 4), (64, 4), (128, 4)], widths=[32, 64, 128],
-                lrs=[3e-3], steps=600, batch=32, vocab=64, examples=20000,
-                keys=16),
-    "full": dict(panels=[(64, 4), (128, 8), (256, 16), (512, 64)],
+    # (seq_len, key-value pairs, steps) panels, widths, learning rates,
+    # batch, vocabulary, (training, eval) examples, key budget.
+    "quick": dict(panels=[(16, 4, 20)], widths=[16, 32], lrs=[3e-3],
+                  batch=16, vocab=64, examples=(1000, 256), keys=8),
+    "cpu": dict(panels=[(16, 4, 300), (32, 4, 400), (64, 4, 700)],
+                widths=[16, 32, 64], lrs=[3e-3], batch=32, vocab=64,
+                examples=(20000, 1000), keys=8),
+    "full": dict(panels=[(64, 4, 20000), (128, 8, 20000), (256, 16, 20000),
+                         (512, 64, 20000)],
                  widths=[64, 128, 256, 512], lrs=[1e-4, 4.6e-4, 2.2e-3, 1e-2],
-                 steps=20000, batch=256, vocab=8192, examples=100000,
-                 keys=32),
+                 batch=256, vocab=8192, examples=(100000, 3000), keys=32),
 }
 
 
 def get_grid(preset: str) -> grids.Grid:
   p = PRESETS[preset]
   config = default.get_config()
-  config.num_train_steps = p["steps"]
   config.batch_size = p["batch"]
-  config.warmup_steps = max(1, p["steps"] // 10)
-  config.log_every_steps = max(1, p["steps"] // 10)
-  config.eval_every_steps = max(1, p["steps"] // 5)
-  config.checkpoint_every_steps = max(1, p["steps"] // 2)
   config.max_checkpoints_to_keep = 1
 
   def task(pairs):
-    return (f"mqar(num_pairs={pairs}, vocab_size={p['vocab']}, "
-            f"num_train={p['examples']}, num_eval=1000)")
+    sizes = ("" if p["examples"] == (20000, 1000) else
+             ", num_train={}, num_eval={}".format(*p["examples"]))
+    return f"mqar(num_pairs={pairs}, vocab_size={p['vocab']}{sizes})"
 
   def derive(c):
+    steps = c.num_train_steps
+    c.warmup_steps = max(1, steps // 10)
+    c.log_every_steps = max(1, steps // 10)
+    c.eval_every_steps = steps
+    c.checkpoint_every_steps = max(1, steps // 2)
     c.model.mlp_dim = 4 * c.model.embed_dim
     c.model.attention = grids.at_budget(c.model.attention, p["keys"],
                                         c.data.seq_len, causal=True)
 
-  common = {"model.attention": FAMILIES, "model.embed_dim": p["widths"],
+  common = {"model.attention": grids.FAMILIES, "model.embed_dim": p["widths"],
             "learning_rate": p["lrs"], "seed": [0, 1, 2]}
   return grids.Grid(
       name="mqar", title="MQAR accuracy against width and length",
       description=__doc__.split("\n\n", 1)[0].replace("\n", " "),
       base=config,
-      axes=[{"data.seq_len": [t], "data.task": [task(n)], **common}
-            for t, n in p["panels"]],
+      axes=[{"data.seq_len": [t], "data.task": [task(n)],
+             "num_train_steps": [steps], **common}
+            for t, n, steps in p["panels"]],
       analysis=grids.Analysis(
           metric="eval_accuracy", line=("model.attention",),
-          x="model.embed_dim", panels=("data.seq_len", "data.task"),
+          x="model.embed_dim",
+          panels=("data.seq_len", "data.task", "num_train_steps"),
           best_over=("learning_rate",)),
       derive=derive)
