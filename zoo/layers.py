@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import registry
+from zoo import decode, registry
 from zoo.attention.base import AttentionOp
 from zoo.position.base import Position
 from zoo.sharding import constrain, logical
@@ -64,6 +64,7 @@ class MultiHeadAttention(nnx.Module):
                        f"model.num_kv_heads={num_kv_heads}")
     d, h, g, k = embed_dim, num_heads, num_kv_heads, embed_dim // num_heads
     self.op, self.causal = op, causal
+    self.num_kv_heads, self.head_dim, self.dtype = g, k, dtype
 
     def proj(spec, shape, names, init):
       return nnx.Einsum(spec, shape, kernel_init=logical(init, *names),
@@ -91,6 +92,35 @@ class MultiHeadAttention(nnx.Module):
     out_BxTxHxK = self.op(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=self.causal,
                           mask=mask_BxT, bias=position.bias(), step=step)
     return self.out(out_BxTxHxK)
+
+  def init_state(self, batch: int, max_len: int):
+    """This layer's empty decode state for up to `max_len` positions (see
+    zoo/decode.py); refuses an op with no decodable family."""
+    return decode.decoder(self.op).init(batch, max_len, self.num_kv_heads,
+                                        self.head_dim, self.dtype)
+
+  def decode(self, x_BxTxD, position: Position, state, index,
+             step: Optional[jax.Array] = None):
+    """Causal attention of T new tokens at positions index.. against the
+    decode state: T > 1 prefills an empty state (index 0), T == 1 decodes
+    one token. Returns (out_BxTxD, state)."""
+    t = x_BxTxD.shape[1]
+    positions_T = index + jnp.arange(t)
+    q_BxTxHxK = position.rotate(self.query(x_BxTxD), positions_T)
+    k_BxTxGxK = position.rotate(self.key(x_BxTxD), positions_T)
+    v_BxTxGxK = self.value(x_BxTxD)
+    q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "length", "heads", "kv"))
+    decoder = decode.decoder(self.op)
+    if t > 1:
+      state, out_BxTxHxK = decoder.prefill(state, q_BxTxHxK, k_BxTxGxK,
+                                           v_BxTxGxK, bias=position.bias(),
+                                           step=step)
+    else:
+      state, out_BxHxK = decoder.step(state, index, q_BxTxHxK[:, 0],
+                                      k_BxTxGxK[:, 0], v_BxTxGxK[:, 0],
+                                      bias=position.bias(), step=step)
+      out_BxTxHxK = out_BxHxK[:, None]
+    return self.out(out_BxTxHxK), state
 
 
 class Mlp(nnx.Module):
@@ -139,3 +169,13 @@ class TransformerBlock(nnx.Module):
                                        mask_BxT, step)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
     return constrain(x_BxTxD, ("batch", "length", "embed"))
+
+  def decode(self, x_BxTxD, position: Position, state, index,
+             step: Optional[jax.Array] = None):
+    """The block against its attention's decode state (see
+    MultiHeadAttention.decode); returns (x_BxTxD, state)."""
+    h_BxTxD, state = self.attention.decode(self.attention_norm(x_BxTxD),
+                                           position, state, index, step)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return constrain(x_BxTxD, ("batch", "length", "embed")), state

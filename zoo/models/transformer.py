@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from zoo import registry
+from zoo import decode, registry
 from zoo.layers import TransformerBlock, build_attention_and_position, rms_norm
 from zoo.position.base import EMBED_STD
 from zoo.sharding import constrain, logical
@@ -51,6 +51,35 @@ class Trunk(nnx.Module):
       x_BxTxD = block(x_BxTxD, self.position, mask_BxT, step)
     return self.norm(x_BxTxD)
 
+  def init_cache(self, batch: int, max_len: int) -> decode.Cache:
+    """An empty decode state for `batch` rows of up to `max_len` positions;
+    refuses a length the positional encoding cannot place."""
+    limit = self.position.max_length()
+    if limit is not None and max_len > limit:
+      raise ValueError(
+          f"decoding max_len={max_len} exceeds the {limit} positions of "
+          f"position {type(self.position).registry_name}")
+    return decode.Cache(
+        index=jnp.zeros((), jnp.int32), max_len=max_len,
+        layers=[block.attention.init_state(batch, max_len)
+                for block in self.blocks])
+
+  def decode(self, tokens_BxT, cache: decode.Cache,
+             step: Optional[jax.Array] = None):
+    """Hidden states of T new tokens at positions cache.index.. (T > 1 only
+    into an empty cache) and the cache holding them."""
+    x_BxTxD = self.position.embed(self.embed(tokens_BxT), offset=cache.index,
+                                  max_len=cache.max_len)
+    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"))
+    layers = []
+    for block, state in zip(self.blocks, cache.layers):
+      x_BxTxD, state = block.decode(x_BxTxD, self.position, state,
+                                    cache.index, step)
+      layers.append(state)
+    return self.norm(x_BxTxD), decode.Cache(
+        index=cache.index + tokens_BxT.shape[1], layers=layers,
+        max_len=cache.max_len)
+
 
 @registry.register("model", "lm")
 class TransformerLM(nnx.Module):
@@ -74,6 +103,26 @@ class TransformerLM(nnx.Module):
     """BxT tokens -> BxTxV logits (fp32); `step` is the training step (for
     attention that redraws random features)."""
     return self.head(self.trunk(tokens_BxT, step=step)).astype(jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int) -> decode.Cache:
+    """An empty decode state (per layer: KV cache, ring buffer or recurrent
+    state, by attention family; see zoo/decode.py) for up to `max_len`
+    positions."""
+    return self.trunk.init_cache(batch, max_len)
+
+  def prefill(self, tokens_BxT, cache: decode.Cache,
+              step: Optional[jax.Array] = None):
+    """Logits BxTxV (fp32) of a prompt, as the forward pass gives them, and
+    `cache` (empty, from init_cache) holding it."""
+    h_BxTxD, cache = self.trunk.decode(tokens_BxT, cache, step)
+    return self.head(h_BxTxD).astype(jnp.float32), cache
+
+  def decode_step(self, tokens_B, cache: decode.Cache,
+                  step: Optional[jax.Array] = None):
+    """Logits BxV (fp32) of one more token per row, at position
+    cache.index (< max_len), and the cache holding it."""
+    h_Bx1xD, cache = self.trunk.decode(tokens_B[:, None], cache, step)
+    return self.head(h_Bx1xD[:, 0]).astype(jnp.float32), cache
 
   def loss(self, batch, step: Optional[jax.Array] = None):
     """Weighted next-token cross-entropy and accuracy."""

@@ -1,5 +1,12 @@
-"""No positions, and absolute encodings added to the token embeddings."""
+"""No positions, and absolute encodings added to the token embeddings.
 
+`embed(x_BxTxD, offset, max_len)` places x's rows at positions offset ..
+offset + T - 1 of a sequence of at most max_len (T by default); decoding
+passes the cache's position as a traced offset and its capacity as max_len,
+so the rows come from the same table a full forward pass reads.
+"""
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -40,9 +47,12 @@ class Sinusoidal(Position):
     self.max_scale = max_scale
     self.embed_dim = embed_dim
 
-  def embed(self, x_BxTxD):
-    table_TxD = sinusoid_table(x_BxTxD.shape[1], self.embed_dim, self.max_scale)
-    return x_BxTxD + jnp.asarray(table_TxD, x_BxTxD.dtype)[None]
+  def embed(self, x_BxTxD, offset=0, max_len=None):
+    t = x_BxTxD.shape[1]
+    table_LxD = sinusoid_table(max_len or t, self.embed_dim, self.max_scale)
+    rows_TxD = jax.lax.dynamic_slice_in_dim(
+        jnp.asarray(table_LxD, x_BxTxD.dtype), offset, t)
+    return x_BxTxD + rows_TxD[None]
 
 
 @registry.register("position", "learned")
@@ -68,9 +78,13 @@ class Learned(Position):
     self.table = nnx.Param(init(rngs.params(), (max_len, embed_dim),
                                 param_dtype))
 
-  def embed(self, x_BxTxD):
+  def embed(self, x_BxTxD, offset=0, max_len=None):
     t = x_BxTxD.shape[1]
-    if t > self.table.shape[0]:
-      raise ValueError(f"position learned: sequence of {t} is longer than the "
-                       f"table of {self.table.shape[0]}")
-    return x_BxTxD + self.table[:t].astype(x_BxTxD.dtype)[None]
+    if max(t, max_len or 0) > self.table.shape[0]:
+      raise ValueError(f"position learned: sequence of {max(t, max_len or 0)}"
+                       f" is longer than the table of {self.table.shape[0]}")
+    rows_TxD = jax.lax.dynamic_slice_in_dim(self.table[...], offset, t)
+    return x_BxTxD + rows_TxD.astype(x_BxTxD.dtype)[None]
+
+  def max_length(self):
+    return self.table.shape[0]

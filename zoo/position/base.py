@@ -9,7 +9,9 @@ A positional encoding is an `nnx.Module` built by the model as
 part takes the ones it needs). Its `kind` says how it enters the model:
 
 - "none":     nothing (attention is then permutation-equivariant);
-- "absolute": `embed(x_BxTxD)` adds a vector per position to the embeddings;
+- "absolute": `embed(x_BxTxD, offset, max_len)` adds a vector per position to
+              the embeddings (positions offset.. of a sequence of at most
+              max_len; decoding passes a traced offset);
 - "rotary":   `rotate(x_BxTxHxK, positions_T)` rotates queries and keys;
 - "bias":     `bias()` returns a callable (q_pos_T, k_pos_S) -> HxTxS of
               additive logits that the attention op evaluates per block.
@@ -33,7 +35,8 @@ class Position(nnx.Module):
 
   kind: ClassVar[str] = "none"
 
-  def embed(self, x_BxTxD):
+  def embed(self, x_BxTxD, offset=0, max_len: Optional[int] = None):
+    del offset, max_len
     return x_BxTxD
 
   def rotate(self, x_BxTxHxK, positions_T):
@@ -41,4 +44,8 @@ class Position(nnx.Module):
     return x_BxTxHxK
 
   def bias(self) -> Optional[Bias]:
+    return None
+
+  def max_length(self) -> Optional[int]:
+    """The most positions this encoding can place (None: any number)."""
     return None
