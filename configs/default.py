@@ -29,6 +29,9 @@ def get_config():
   # Peak dense TFLOP/s of one device; > 0 adds model FLOPs utilisation (mfu)
   # to the metrics.
   config.peak_tflops_per_device = 0.0
+  # Seconds before a run that cannot go on exits 1: a peer process without
+  # heartbeat, or SIGTERM whose checkpoint could not be saved in time.
+  config.peer_timeout_s = 90
 
   config.model = ml_collections.ConfigDict()
   config.model.attention = "standard"

@@ -11,13 +11,16 @@ number can succeed); intact steps are never touched.
 
 import os
 import shutil
+import sys
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
+
+from zoo import sharding
 
 
 class Checkpointer:
@@ -31,6 +34,7 @@ class Checkpointer:
             enable_async_checkpointing=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
+    self._unraisablehook = None  # the hook replaced by _quiet_stray_reads
 
   def restore(self, abstract_state, data_iterator=None):
     """(state, step) from the newest readable step, or (None, 0).
@@ -54,6 +58,7 @@ class Checkpointer:
                         "an older step", step, type(e).__name__,
                         str(e).split("\n")[0][:200])
         damaged.append(step)
+        self._quiet_stray_reads()
     self._move_aside(damaged)
     if restored is None:
       return None, 0
@@ -61,18 +66,35 @@ class Checkpointer:
     nnx.replace_by_pure_dict(state, restored["state"])
     return state, step
 
+  def _quiet_stray_reads(self):
+    """A failed restore leaves reads in flight that later complete into
+    orbax's closed event loop, each printing a "RuntimeError: Event loop is
+    closed" traceback; the failure itself has been reported, so until
+    `close` those are dropped (other unraisable errors pass through)."""
+    if self._unraisablehook is not None:
+      return
+    self._unraisablehook = previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not (isinstance(unraisable.exc_value, RuntimeError) and
+              str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
   def _move_aside(self, steps):
     if not steps:
       return
-    if jax.process_index() == 0:
+
+    def move():
       aside = self.directory.rstrip("/") + "_damaged"
       os.makedirs(aside, exist_ok=True)
       for step in steps:
         target = os.path.join(aside, str(step))
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(os.path.join(self.directory, str(step)), target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("zoo damaged checkpoints moved")
+
+    sharding.on_process_0(move, "move damaged checkpoints aside")
     self.manager.reload()
 
   def save(self, step: int, state, data_iterator):
@@ -85,6 +107,8 @@ class Checkpointer:
     """Waits for pending writes."""
     self.manager.wait_until_finished()
     self.manager.close()
+    if self._unraisablehook is not None:
+      sys.unraisablehook, self._unraisablehook = self._unraisablehook, None
 
 
 def mismatch(directory: str, abstract_params) -> str | None:
@@ -93,15 +117,13 @@ def mismatch(directory: str, abstract_params) -> str | None:
   nothing; a directory without checkpoints matches anything."""
   if not os.path.isdir(directory):
     return None
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True,
-                                                      create=False),
-      item_handlers={"state": ocp.StandardCheckpointHandler()})
-  step = manager.latest_step()
-  if step is None:
+  steps = ocp.utils.checkpoint_steps(directory)
+  if not steps:
     return None
+  step = max(steps)
   try:
-    saved_tree = manager.item_metadata(step)["state"]["0"]
+    saved_tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(directory) / str(step) / "state")["0"]
   except Exception:  # noqa: BLE001 - damaged: restore() falls back later
     return None
   saved = _shapes(saved_tree)

@@ -6,13 +6,19 @@ maps each to mesh axes ("data", "fsdp", "tensor"), so data parallel, FSDP and
 tensor parallel are config changes. Variables are created unsharded
 (`eager_sharding=False`) and placed by a jitted constructor with
 `out_shardings` (see `zoo/train.py`): one policy, everywhere.
+
+Multi-process helpers wait through the jax.distributed key-value store,
+which has timeouts, rather than through collectives, which have none.
 """
 
+import collections
 import math
+
 import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
+from jax._src import distributed
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -99,3 +105,53 @@ def constrain(x, names: tuple[str | None, ...]):
   """Activation sharding constraint by logical names (no-op outside the
   trainer's rules)."""
   return nn.with_logical_constraint(x, names)
+
+
+def kv_client():
+  """The jax.distributed key-value client of a multi-process run, else None.
+
+  JAX exposes it only as `jax._src.distributed.global_state.client`; the
+  trainer uses it for waits that have a bound (collectives have none)."""
+  return distributed.global_state.client if jax.process_count() > 1 else None
+
+
+class PeerError(RuntimeError):
+  """Another process failed; the message names it and its error."""
+
+
+_rounds = collections.Counter()  # on_process_0 calls so far, by name
+
+
+def on_process_0(fn, name: str):
+  """Runs `fn()` on process 0 while the other processes wait for it, then
+  returns fn's result on process 0 and None elsewhere. If fn raises, every
+  other process raises PeerError with its message, so no process goes on
+  alone.
+
+  The wait is a key-value lookup, not a collective: it ends when process 0
+  answers, and a lost process 0 or SIGTERM ends the run (see zoo.train).
+  Every process must make the same calls in the same order."""
+  client = kv_client()
+  if client is None:
+    return fn()
+  _rounds[name] += 1
+  key = f"zoo/on_process_0/{name}/{_rounds[name]}"
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:
+      first_line = (str(e).strip().splitlines() or [""])[0]
+      client.key_value_set(key, f"{type(e).__name__}: {first_line}")
+      raise
+    client.key_value_set(key, "")
+    return result
+  error = None
+  while error is None:  # in 1 s slices, so that Ctrl-C gets through
+    try:
+      error = client.blocking_key_value_get(key, 1000)
+    except jax.errors.JaxRuntimeError as e:
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise
+  if error:
+    raise PeerError(f"process 0 failed to {name}: {error}")
+  return None
