@@ -323,18 +323,17 @@ def _worker_sharded_decode():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 2})
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   tokens = jax.random.randint(jax.random.key(1), (2, SEQ_LEN), 0, VOCAB)
-  out = {}
-  for attention in ("standard", "local(window=4)", "linear(chunk=4)"):
-    model = lm(attention, "none", num_layers=1)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      full, decoded, cache = jax.jit(
-          lambda tokens: forward_and_decoded(model, tokens, PROMPT))(tokens)
-    out[attention] = {
-        "specs": [list(leaf.sharding.spec) + [None] * (
-            leaf.ndim - len(leaf.sharding.spec))
-                  for leaf in jax.tree.leaves(cache.layers[0])],
-        "diff": float(jnp.abs(decoded - full).max())}
-  return out
+  specs = ("standard", "local(window=4)", "linear(chunk=4)")
+  models = [lm(attention, "none", num_layers=1) for attention in specs]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    runs = jax.jit(lambda tokens: [forward_and_decoded(m, tokens, PROMPT)
+                                   for m in models])(tokens)
+  return {attention: {
+      "specs": [list(leaf.sharding.spec) + [None] * (
+          leaf.ndim - len(leaf.sharding.spec))
+                for leaf in jax.tree.leaves(cache.layers[0])],
+      "diff": float(jnp.abs(decoded - full).max())}
+          for attention, (full, decoded, cache) in zip(specs, runs)}
 
 
 def test_the_cache_is_sharded_like_the_activations():

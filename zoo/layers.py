@@ -95,7 +95,11 @@ class MultiHeadAttention(nnx.Module):
 
   def init_state(self, batch: int, max_len: int):
     """This layer's empty decode state for up to `max_len` positions (see
-    zoo/decode.py); refuses an op with no decodable family."""
+    zoo/decode.py); refuses bidirectional attention and an op with no
+    decodable family."""
+    if not self.causal:
+      raise ValueError("decoding needs causal attention (a decoder LM); this "
+                       "attention is bidirectional")
     return decode.decoder(self.op).init(batch, max_len, self.num_kv_heads,
                                         self.head_dim, self.dtype)
 
