@@ -39,7 +39,7 @@ PRESETS = {
                   mlp_dim=64, steps=4, repeats=1, recompute_max_len=64),
     "cpu": dict(lengths=[256, 512, 1024, 2048, 4096, 8192, 16384],
                 num_layers=4, embed_dim=256, num_heads=4, mlp_dim=1024,
-                steps=32, repeats=3, recompute_max_len=4096),
+                steps=64, repeats=5, recompute_max_len=4096),
     "gpu": dict(lengths=[1024, 4096, 16384, 65536], num_layers=12,
                 embed_dim=768, num_heads=12, mlp_dim=3072, steps=128,
                 repeats=5, recompute_max_len=16384),
@@ -167,10 +167,10 @@ def _write(rows, preset, p, load_before, load_after):
   fig.tight_layout()
   fig.savefig(os.path.join(folder, f"{NAME}.png"), dpi=110)
 
-  def at(spec, length, key):
+  def at(spec, length, key, scale=1):
     row = next((r for r in rows if r["op"] == spec and r["length"] == length),
                None)
-    return "-" if row is None or row[key] is None else row[key]
+    return "-" if row is None or row[key] is None else row[key] / scale
 
   families = {r["op"]: r["family"] for r in rows}
   speed = report.markdown_table(
@@ -179,8 +179,7 @@ def _write(rows, preset, p, load_before, load_after):
        for s in specs])
   memory = report.markdown_table(
       ["op"] + [f"MiB @{t}" for t in lengths],
-      [[s] + [at(s, t, "cache_bytes") if at(s, t, "cache_bytes") == "-"
-              else at(s, t, "cache_bytes") / 2**20 for t in lengths]
+      [[s] + [at(s, t, "cache_bytes", 2**20) for t in lengths]
        for s in specs])
   recompute = report.markdown_table(
       ["op", "length", "decode tok/s", "recompute tok/s", "speedup"],

@@ -258,16 +258,14 @@ def pattern_tiles(op: AttentionOp, capacity: int, num_heads: int, tile: int
     padded_HxLxNL[:, :queries.size, :capacity] = allowed
     tiles_HNxLL = padded_HxLxNL.reshape(h, tile, n, tile).transpose(
         0, 2, 1, 3).reshape(h * n, tile * tile)
-    distinct, inverse = np.unique(np.packbits(tiles_HNxLL, axis=1), axis=0,
-                                  return_inverse=True)
-    ids = []
-    for packed in distinct:
+    ids = np.empty(h * n, np.int32)
+    for i, packed in enumerate(np.packbits(tiles_HNxLL, axis=1)):
       if packed.tobytes() not in found:
         found[packed.tobytes()] = len(tiles)
-        tiles.append(np.unpackbits(packed)[:tile * tile].reshape(tile, tile))
-      ids.append(found[packed.tobytes()])
-    rows.append(np.asarray(ids, np.int32)[inverse.reshape(-1)].reshape(h, n))
-  return np.stack(rows, axis=1), np.stack(tiles).astype(bool)
+        tiles.append(tiles_HNxLL[i].reshape(tile, tile).copy())
+      ids[i] = found[packed.tobytes()]
+    rows.append(ids.reshape(h, n))
+  return np.stack(rows, axis=1), np.stack(tiles)
 
 
 def _write(cache_BxCx_, x_BxTx_, start):
