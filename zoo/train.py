@@ -359,7 +359,7 @@ class _Watchdog:
   def __init__(self, timeout_s: float):
     _Watchdog.runs += 1
     self.timeout_s = timeout_s
-    self.interval = min(1.0, timeout_s / 10)
+    self.interval = min(5.0, timeout_s / 10)  # between heartbeats
     self.client = sharding.kv_client()
     self.me, self.count = jax.process_index(), jax.process_count()
     self.prefix = f"zoo/run{_Watchdog.runs}/"
