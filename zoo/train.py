@@ -6,13 +6,9 @@ The train step is `jax.jit` with shardings over a (data, fsdp, tensor) mesh;
 one CPU is a mesh of one, a pod slice the same program.
 """
 
-import collections
 import dataclasses
 import os
-import select
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -25,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoo import checkpoint, registry, sharding
+from zoo import checkpoint, registry, sharding, supervise
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
 
@@ -210,21 +206,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   naming the step (or, with `config.skip_nonfinite`, skips that update and
   counts it). With several processes, a process that raises tells the
   others; they, and a process that loses a peer or cannot save within
-  `config.peer_timeout_s` of SIGTERM, exit 1 with one line (see _Watchdog).
+  `config.peer_timeout_s` of SIGTERM, exit 1 with one line (see
+  zoo.supervise.Watchdog).
   """
   p = plan(config, workdir)
-  watch = _Watchdog(config.peer_timeout_s)
+  watch = supervise.Watchdog(config.peer_timeout_s)
   try:
     return _train(config, workdir, p, watch)
   except BaseException as e:
-    watch.fail(f"{type(e).__name__}: {_first_line(e)}")
+    watch.fail(f"{type(e).__name__}: {supervise.first_line(e)}")
     raise
   finally:
     watch.close()
-
-
-def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [""])[0]
 
 
 def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
@@ -263,7 +256,7 @@ def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
     flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
     eval_fn = jax.jit(lambda st, b: _eval_step(s.graphdef, st, b))
     log = _Logger(config, workdir, start, schedule, flops)
-    in_flight = _InFlight()
+    in_flight = supervise.InFlight()
     try:
       for step in range(start, config.num_train_steps):
         state, metrics = step_fn(state, batch if step == start else next_batch())
@@ -281,7 +274,9 @@ def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
         stop = watch.reached(done)
         if done % config.checkpoint_every_steps == 0 or last or stop:
           log.check_finite(param_names, config.skip_nonfinite)
+          began = time.time()
           ckpt.save(done, state, train_iter)
+          log.exclude(time.time() - began)
         if stop:
           logging.warning("preempted: saved step %d, exiting", done)
           break
@@ -289,208 +284,6 @@ def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
       ckpt.close()
       log.close()
   return log.last
-
-
-# Programs dispatched and not yet finished, at most (see _InFlight).
-_MAX_IN_FLIGHT = 2
-
-
-class _InFlight:
-  """Waits for the oldest dispatched program once more than _MAX_IN_FLIGHT
-  are unfinished.
-
-  Dispatching without limit deadlocks multi-process CPU runs: XLA's CPU
-  client admits 32 unfinished programs per device and makes the launch of
-  the next one wait on a worker thread of the pool that also runs the
-  devices' shares of a collective; once that wait holds the thread a queued
-  gloo all-reduce needs, the all-reduce never completes, no slot frees, and
-  every process waits for it forever. A bounded queue also keeps the host a
-  step or two ahead on accelerators, which is all dispatch needs."""
-
-  def __init__(self):
-    self.pending = collections.deque()
-
-  def add(self, outputs):
-    self.pending.append(outputs)
-    if len(self.pending) > _MAX_IN_FLIGHT:
-      jax.block_until_ready(self.pending.popleft())
-    return outputs
-
-
-def _leave(code: int, timeout_s: float, lost=()):
-  """Exits the process now, skipping interpreter shutdown (whose
-  distributed barrier would wait for processes that have gone). Process 0
-  hosts the key-value store that the others read, so it leaves last: it
-  waits, at most `timeout_s`, for every other process but the `lost` ones to
-  say it is leaving."""
-  client = sharding.kv_client()
-  try:
-    if client is not None and jax.process_index():
-      client.key_value_set(f"zoo/leaving/{jax.process_index()}", "")
-    elif client is not None:
-      deadline = time.monotonic() + timeout_s
-      for j in sorted(set(range(1, jax.process_count())) - set(lost)):
-        wait_ms = max(1, int(1000 * (deadline - time.monotonic())))
-        client.blocking_key_value_get(f"zoo/leaving/{j}", wait_ms)
-  except jax.errors.JaxRuntimeError:
-    pass  # the store is gone, or a process did not answer: leave anyway
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(code)
-
-
-class _Watchdog:
-  """Ends a run that cannot go on within `timeout_s`, from a thread, so it
-  acts while the main thread is stuck in a collective, a compile or a wait.
-
-  SIGTERM (what schedulers and TPU maintenance send) to any process asks
-  all of them to stop: each publishes the last step it reached, and
-  `reached` is true at the step after the largest, which every process can
-  still reach, so they save the same step. A process that has not finished
-  `timeout_s` after the request exits 1. A peer whose heartbeat stops for
-  `timeout_s` (killed, host lost) or that reports a failure (`fail`) makes
-  the others exit 1, with one line naming it. Processes talk through the
-  jax.distributed key-value store, never through collectives, which cannot
-  time out."""
-
-  runs = 0  # instances so far; keys of one run do not meet another's
-
-  def __init__(self, timeout_s: float):
-    _Watchdog.runs += 1
-    self.timeout_s = timeout_s
-    self.interval = min(5.0, timeout_s / 10)  # between heartbeats
-    self.client = sharding.kv_client()
-    self.me, self.count = jax.process_index(), jax.process_count()
-    self.prefix = f"zoo/run{_Watchdog.runs}/"
-    self.step = -1  # the last step reached (written by the main thread)
-    self.signalled = threading.Event()  # SIGTERM here
-    self.requested = threading.Event()  # SIGTERM here or in a peer
-    self.decided = threading.Event()  # stop_at is known
-    self.stop_at = None
-    self.deadline = None
-    self.failed = False
-    self.beat = 0
-    self.seen = {}  # peer -> (its last heartbeat, when that changed)
-    self.started = time.monotonic()
-    self.closing = threading.Event()
-    # SIGTERM's Python handler runs only when the main thread is back in
-    # Python; the wakeup fd tells this thread at once.
-    self.signals, wakeup = os.pipe()
-    os.set_blocking(wakeup, False)
-    self.previous_fd = signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
-    self.previous_handler = signal.signal(
-        signal.SIGTERM, lambda *_: self.signalled.set())
-    self.wakeup = wakeup
-    self.thread = threading.Thread(target=self._run, name="zoo-watchdog",
-                                   daemon=True)
-    self.thread.start()
-
-  def reached(self, step: int) -> bool:
-    """Whether to save `step` and stop; called after every step, in order."""
-    self.step = step
-    if not self.requested.is_set():
-      return False
-    self.decided.wait()  # bounded: the deadline ends the process
-    return step >= self.stop_at
-
-  def fail(self, why: str):
-    """Tells the other processes that this one failed with `why`."""
-    self.failed = True
-    self._tell(f"failed/{self.me}", why)
-
-  def close(self):
-    self.closing.set()
-    os.write(self.wakeup, b"\0")  # wakes the thread from its wait
-    self.thread.join()
-    self._tell(f"done/{self.me}", "")
-    signal.set_wakeup_fd(self.previous_fd)
-    # None: the handler was not set from Python (JAX's preemption notifier).
-    signal.signal(signal.SIGTERM, self.previous_handler or signal.SIG_DFL)
-    os.close(self.signals)
-    os.close(self.wakeup)
-
-  def _run(self):
-    while not self.closing.is_set():
-      # While processes are agreeing on a step, the main thread waits.
-      pending = self.requested.is_set() and not self.decided.is_set()
-      ready, _, _ = select.select([self.signals], [], [],
-                                  0.05 if pending else self.interval)
-      if ready and signal.SIGTERM in os.read(self.signals, 512):
-        self.signalled.set()
-      if self.signalled.is_set() and not self.requested.is_set():
-        logging.warning("SIGTERM: saving at the next step all processes "
-                        "reach, or exiting in %d s", self.timeout_s)
-        self._request()
-      if self.client is not None:
-        try:
-          self._poll()
-        except jax.errors.JaxRuntimeError as e:
-          self._exit(f"lost process 0 (it holds the coordination service): "
-                     f"{_first_line(e)}", lost=[0])
-      if self.deadline is not None and time.monotonic() > self.deadline:
-        self._exit(f"SIGTERM: no checkpoint saved within {self.timeout_s} s; "
-                   f"exiting (rerun resumes from the last saved step)")
-
-  def _request(self):
-    """Stops at a step every process can reach; see the class docstring."""
-    if self.requested.is_set():
-      return
-    self.requested.set()
-    self.deadline = time.monotonic() + self.timeout_s
-    step = self.step  # read after `requested` is set: see `reached`
-    if self.client is None:
-      self.stop_at = step + 1
-      self.decided.set()
-      return
-    self.client.key_value_set(f"{self.prefix}step/{self.me}", str(step))
-    self.client.key_value_set(f"{self.prefix}stop", "", allow_overwrite=True)
-
-  def _poll(self):
-    """Beats, and reads the peers' beats, failures and stop requests."""
-    p, now = self.prefix, time.monotonic()
-    self.beat += 1
-    self.client.key_value_set(f"{p}beat/{self.me}", str(self.beat),
-                              allow_overwrite=True)
-    entries = dict(self.client.key_value_dir_get(p))
-    for j in range(self.count):
-      why = entries.get(f"{p}failed/{j}")
-      if why is not None and j != self.me and not self.failed:
-        self._exit(f"process {j} failed: {why}")
-    lost = []
-    for j in range(self.count):
-      if j == self.me or f"{p}done/{j}" in entries:
-        continue
-      beat = entries.get(f"{p}beat/{j}")
-      last, since = self.seen.get(j, (None, self.started))
-      if beat != last:
-        self.seen[j] = (beat, now)
-      elif now - since > self.timeout_s:
-        lost.append(j)
-    if lost:
-      self._exit(f"lost process {lost[0]}: no heartbeat for "
-                 f"{self.timeout_s} s; exiting", lost)
-    if f"{p}stop" in entries:
-      self._request()
-    if self.requested.is_set() and not self.decided.is_set():
-      steps = self.client.key_value_dir_get(f"{p}step/")
-      if len(steps) == self.count:
-        self.stop_at = max(int(step) for _, step in steps) + 1
-        self.decided.set()
-
-  def _tell(self, key: str, value: str):
-    """Publishes a key of this run; a store already gone (process 0 lost)
-    is no news to report over the error at hand."""
-    if self.client is None:
-      return
-    try:
-      self.client.key_value_set(self.prefix + key, value)
-    except jax.errors.JaxRuntimeError:
-      pass
-
-  def _exit(self, line: str, lost=()):
-    logging.error("%s", line)
-    _leave(1, self.timeout_s, lost)
 
 
 class _Logger:
@@ -503,9 +296,15 @@ class _Logger:
     self.window, self.start_time, self.last = [], time.time(), {}
     self.checked = 0  # window entries already checked for finiteness
     self.skipped = 0
+    self.excluded = 0.0  # seconds of this window spent saving checkpoints
 
   def add(self, step, metrics):
     self.window.append((step, metrics))
+
+  def exclude(self, seconds: float):
+    """Leaves `seconds` (a checkpoint save) out of this window's
+    throughput."""
+    self.excluded += seconds
 
   def check_finite(self, param_names, skip: bool):
     """Raises at the first non-finite step in the window (or counts skips)."""
@@ -527,14 +326,16 @@ class _Logger:
                            "last checkpoint is kept)")
 
   def write(self, step, eval_scalars, eval_s: float):
-    """Logs the window; its `eval_s` seconds of evaluation are left out of
-    the throughput and logged as eval_time_s."""
+    """Logs the window; its `eval_s` seconds of evaluation (logged as
+    eval_time_s) and the seconds given to `exclude` are left out of the
+    throughput."""
     c = self.config
     rows = jax.device_get([m for _, m in self.window])
     rows = [r for r in rows if r["finite"]] or rows  # skipped steps left out
     keys = [k for k in rows[0] if k not in ("finite", "grads_finite")]
     scalars = {k: float(np.mean([r[k] for r in rows])) for k in keys}
-    steps_per_s = len(rows) / (time.time() - self.start_time - eval_s)
+    steps_per_s = len(rows) / (
+        time.time() - self.start_time - eval_s - self.excluded)
     scalars.update(
         learning_rate=float(self.schedule(step - 1)),
         tokens_per_s=steps_per_s * c.batch_size * c.data.seq_len,
@@ -554,6 +355,7 @@ class _Logger:
     self.writer.write(step, scalars)
     self.last = scalars
     self.window, self.checked, self.start_time = [], 0, time.time()
+    self.excluded = 0.0
 
   def close(self):
     self.writer.close()
@@ -561,7 +363,7 @@ class _Logger:
 
 def evaluate(eval_fn, state, source, config, batch_sharding):
   """Mean metrics over the eval split."""
-  in_flight, rows = _InFlight(), []
+  in_flight, rows = supervise.InFlight(), []
   for b in pipeline.eval_batches(source, global_batch=config.batch_size):
     rows.append(in_flight.add(
         eval_fn(state, sharding.global_batch(b, batch_sharding))))
@@ -614,8 +416,8 @@ def main(argv):
     sys.exit(2)
   timeout_s = f.config.peer_timeout_s
   if f.coordinator_address or f.num_processes != 1:
-    # JAX's heartbeat check backs up _Watchdog's; it aborts with a native
-    # stack dump rather than one line, so it gets twice the time.
+    # JAX's heartbeat check backs up supervise.Watchdog; it aborts with a
+    # native stack dump rather than one line, so it gets twice the time.
     jax.distributed.initialize(
         coordinator_address=f.coordinator_address,
         num_processes=f.num_processes or None,
@@ -632,13 +434,13 @@ def main(argv):
   except (NonFiniteError, sharding.PeerError) as e:
     logging.error("%s", e)
     if jax.process_count() > 1:
-      _leave(1, timeout_s)
+      supervise.leave(1, timeout_s)
     sys.exit(1)
   except BaseException:
     if jax.process_count() == 1:
       raise
     logging.exception("this process failed; the others stop too")
-    _leave(1, timeout_s)
+    supervise.leave(1, timeout_s)
 
 
 if __name__ == "__main__":
