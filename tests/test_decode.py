@@ -123,15 +123,15 @@ def test_each_family_keeps_its_state():
     cache = lm(attention, "none").init_cache(3, max_len)
     return [x.shape for x in jax.tree.leaves(cache.layers[0])]
 
-  assert shapes("standard", 40) == [(3, 40, 2, 4)] * 2
-  assert shapes("bigbird(block=4)", 40) == [(3, 40, 2, 4)] * 2
-  assert shapes("local(window=4)", 40) == [(3, 4, 2, 4)] * 2
-  assert shapes("local(window=4)", 4000) == [(3, 4, 2, 4)] * 2
-  assert shapes("local(window=8)", 5) == [(3, 5, 2, 4)] * 2
+  assert shapes("standard", 40) == [(3, 2, 40, 4)] * 2
+  assert shapes("bigbird(block=4)", 40) == [(3, 2, 40, 4)] * 2
+  assert shapes("local(window=4)", 40) == [(3, 2, 4, 4)] * 2
+  assert shapes("local(window=4)", 4000) == [(3, 2, 4, 4)] * 2
+  assert shapes("local(window=8)", 5) == [(3, 2, 5, 4)] * 2
   assert shapes("linear", 4000) == [(3, 2, 4, 4), (3, 2, 4), (3, 2)]
   assert shapes("linear(feature='favor', num_features=8)", 40) == [
       (3, 2, 8, 4), (3, 2, 8), (3, 2)]
-  assert shapes("splash(like='local(window=4)')", 40) == [(3, 4, 2, 4)] * 2
+  assert shapes("splash(like='local(window=4)')", 40) == [(3, 2, 4, 4)] * 2
 
 
 def test_linear_state_after_ten_training_lengths():
@@ -346,7 +346,7 @@ def test_the_cache_is_sharded_like_the_activations():
   assert result.returncode == 0, result.stderr[-4000:]
   line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")]
   out = json.loads(line[-1][len("RESULT "):])
-  kv = ["data", None, "tensor", None]
+  kv = ["data", "tensor", None, None]
   assert out["standard"]["specs"] == [kv, kv]
   assert out["local(window=4)"]["specs"] == [kv, kv]
   assert out["linear(chunk=4)"]["specs"] == [

@@ -3,9 +3,10 @@ decode state per attention family; and a sampler compiled as one loop.
 
 A layer's decode state is a pytree chosen by its attention op's family:
 
-- KV cache (standard, xla, blockwise): keys and values BxCxGxK of fixed
+- KV cache (standard, xla, blockwise): keys and values BxGxCxK of fixed
   capacity C, written in place (dynamic_update_slice); the new query at
-  position p attends to the cached keys j <= p.
+  position p attends to the cached keys j < p and its own key (read before
+  the write, so XLA keeps the update in place).
 - KV cache with the pattern's row (sparse, bigbird): as above, the query
   seeing the keys of row p of the op's causal pattern at length C,
   `op.allows(i, j, t=C, causal=True)`, held as an index of distinct tiles
@@ -47,16 +48,17 @@ from zoo.attention import blockwise, dense, kernels, linear, local, sparse
 from zoo.attention.base import AttentionOp
 from zoo.sharding import constrain
 
-# Logical axes of cached keys and values: those of the attention activations.
-CACHE_AXES = ("batch", "length", "heads", "kv")
+# Logical axes of cached keys and values (head-major, so the step's matrix
+# products read the cache in place): those of the attention activations.
+CACHE_AXES = ("batch", "heads", "length", "kv")
 
 
 @struct.dataclass
 class KVCache:
   """Keys and values of positions 0..C-1 (zeros where not yet written)."""
 
-  k_BxCxGxK: jax.Array
-  v_BxCxGxK: jax.Array
+  k_BxGxCxK: jax.Array
+  v_BxGxCxK: jax.Array
 
 
 @struct.dataclass
@@ -64,8 +66,8 @@ class Ring:
   """The last W keys and values; slot s holds the newest position p with
   p % W == s."""
 
-  k_BxWxGxK: jax.Array
-  v_BxWxGxK: jax.Array
+  k_BxGxWxK: jax.Array
+  v_BxGxWxK: jax.Array
 
 
 @struct.dataclass
@@ -101,8 +103,8 @@ class Decoder:
     return self.fill(state, k_BxTxGxK, v_BxTxGxK, step), out
 
   def step(self, state, index, q_BxHxK, k_BxGxK, v_BxGxK, *, bias, step):
-    """(state, out_BxHxK): adds the key at position `index` (traced), then
-    attends its query."""
+    """(state, out_BxHxK): the query at position `index` (traced) attends
+    the state and its own key, which the state then takes in."""
     raise NotImplementedError
 
 
@@ -110,27 +112,33 @@ class KVCacheDecoder(Decoder):
   """Dense causal softmax over a KV cache of fixed capacity."""
 
   def init(self, batch, max_len, kv_heads, head_dim, dtype):
-    zeros = jnp.zeros((batch, max_len, kv_heads, head_dim), dtype)
-    return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+    shape = (batch, kv_heads, max_len, head_dim)
+    return KVCache(*(constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+                     for _ in "kv"))
 
   def fill(self, state, k_BxTxGxK, v_BxTxGxK, step):
     del step
-    return KVCache(_write(state.k_BxCxGxK, k_BxTxGxK, 0),
-                   _write(state.v_BxCxGxK, v_BxTxGxK, 0))
+    return KVCache(_write(state.k_BxGxCxK, k_BxTxGxK.transpose(0, 2, 1, 3), 0),
+                   _write(state.v_BxGxCxK, v_BxTxGxK.transpose(0, 2, 1, 3), 0))
 
   def step(self, state, index, q_BxHxK, k_BxGxK, v_BxGxK, *, bias, step):
     del step
-    cache = KVCache(_write(state.k_BxCxGxK, k_BxGxK[:, None], index),
-                    _write(state.v_BxCxGxK, v_BxGxK[:, None], index))
-    c = cache.k_BxCxGxK.shape[1]
+    c = state.k_BxGxCxK.shape[2]
     k_pos_C = jnp.arange(c)
+    row_xC = self.allowed(index, c, q_BxHxK.shape[1])
     bias_HxC = None if bias is None else bias(index[None], k_pos_C)[:, 0]
-    out_BxHxK = attend_one(q_BxHxK, cache.k_BxCxGxK, cache.v_BxCxGxK,
-                           self.allowed(index, c, q_BxHxK.shape[1]), bias_HxC)
-    return cache, out_BxHxK
+    out_BxHxK = attend_one(
+        q_BxHxK, state.k_BxGxCxK, state.v_BxGxCxK, row_xC & (k_pos_C < index),
+        bias_HxC, k_BxGxK, v_BxGxK, row_xC[:, index],
+        None if bias_HxC is None else bias_HxC[:, index])
+    k_BxGxK, v_BxGxK = _after(out_BxHxK, k_BxGxK, v_BxGxK)
+    return KVCache(_write(state.k_BxGxCxK, k_BxGxK[:, :, None], index),
+                   _write(state.v_BxGxCxK, v_BxGxK[:, :, None], index)
+                   ), out_BxHxK
 
   def allowed(self, index, capacity: int, num_heads: int):
-    """1xC or HxC bool: the cached keys the query at `index` sees."""
+    """1xC or HxC bool: the keys the query at `index` sees (itself
+    included)."""
     del num_heads
     return (jnp.arange(capacity) <= index)[None]
 
@@ -153,28 +161,36 @@ class RingDecoder(Decoder):
 
   def init(self, batch, max_len, kv_heads, head_dim, dtype):
     w = min(self.pattern.window, max_len)
-    zeros = jnp.zeros((batch, w, kv_heads, head_dim), dtype)
-    return Ring(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+    shape = (batch, kv_heads, w, head_dim)
+    return Ring(*(constrain(jnp.zeros(shape, dtype), CACHE_AXES)
+                  for _ in "kv"))
 
   def fill(self, state, k_BxTxGxK, v_BxTxGxK, step):
     del step
-    w, t = state.k_BxWxGxK.shape[1], k_BxTxGxK.shape[1]
+    w, t = state.k_BxGxWxK.shape[2], k_BxTxGxK.shape[1]
     pos = np.arange(max(t - w, 0), t)
-    put = lambda ring, x: constrain(
-        ring.at[:, pos % w].set(x[:, pos].astype(ring.dtype)), CACHE_AXES)
-    return Ring(put(state.k_BxWxGxK, k_BxTxGxK),
-                put(state.v_BxWxGxK, v_BxTxGxK))
+    put = lambda ring, x_BxTxGxK: constrain(ring.at[:, :, pos % w].set(
+        x_BxTxGxK[:, pos].transpose(0, 2, 1, 3).astype(ring.dtype)),
+                                            CACHE_AXES)
+    return Ring(put(state.k_BxGxWxK, k_BxTxGxK),
+                put(state.v_BxGxWxK, v_BxTxGxK))
 
   def step(self, state, index, q_BxHxK, k_BxGxK, v_BxGxK, *, bias, step):
     del step
-    w = state.k_BxWxGxK.shape[1]
-    ring = Ring(_write(state.k_BxWxGxK, k_BxGxK[:, None], index % w),
-                _write(state.v_BxWxGxK, v_BxGxK[:, None], index % w))
-    k_pos_W = index - (index - jnp.arange(w)) % w
-    bias_HxW = None if bias is None else bias(index[None], k_pos_W)[:, 0]
-    out_BxHxK = attend_one(q_BxHxK, ring.k_BxWxGxK, ring.v_BxWxGxK,
-                           (k_pos_W >= 0)[None], bias_HxW)
-    return ring, out_BxHxK
+    w = state.k_BxGxWxK.shape[2]
+    # Before the write, slot s holds the newest position < index congruent to
+    # s; the slot written now holds index - W, which leaves the window.
+    held_W = index - 1 - (index - 1 - jnp.arange(w)) % w
+    out_BxHxK = attend_one(
+        q_BxHxK, state.k_BxGxWxK, state.v_BxGxWxK,
+        ((held_W >= 0) & (held_W > index - w))[None],
+        None if bias is None else bias(index[None], held_W)[:, 0],
+        k_BxGxK, v_BxGxK, jnp.ones((1,), bool),
+        None if bias is None else bias(index[None], index[None])[:, 0, 0])
+    slot = index % w
+    k_BxGxK, v_BxGxK = _after(out_BxHxK, k_BxGxK, v_BxGxK)
+    return Ring(_write(state.k_BxGxWxK, k_BxGxK[:, :, None], slot),
+                _write(state.v_BxGxWxK, v_BxGxK[:, :, None], slot)), out_BxHxK
 
 
 class RecurrentDecoder(Decoder):
@@ -220,22 +236,38 @@ def decoder(op: AttentionOp) -> Decoder:
       "those")
 
 
-def attend_one(q_BxHxK, k_BxCxGxK, v_BxCxGxK, allowed_xC, bias_HxC=None):
-  """Softmax attention of one query per head over C cached keys in fp32;
-  `allowed_xC` (1xC or HxC) marks the keys each head sees."""
+def attend_one(q_BxHxK, k_BxGxCxK, v_BxGxCxK, allowed_xC, bias_HxC,
+               k_new_BxGxK, v_new_BxGxK, allowed_new_x, bias_new_H):
+  """Softmax attention (fp32) of one query per head over C cached keys and
+  its own new key, the two parts merged by their maxima: the cache is read
+  before the new key is written, so XLA updates it in place. `allowed_xC`
+  (1xC or HxC) and `allowed_new_x` (1 or H) mark the keys each head sees;
+  the biases may be None."""
   b, h, d = q_BxHxK.shape
-  c, g = k_BxCxGxK.shape[1], k_BxCxGxK.shape[2]
-  q_BxGxRxK = q_BxHxK.reshape(b, g, h // g, d).astype(jnp.float32)
-  logits_BxGxRxC = jnp.einsum("bgrd,bcgd->bgrc", q_BxGxRxK,
-                              k_BxCxGxK.astype(jnp.float32)) / jnp.sqrt(d)
+  g, c = k_BxGxCxK.shape[1], k_BxGxCxK.shape[2]
+  r = h // g
+  q_BxGxRxK = q_BxHxK.reshape(b, g, r, d).astype(jnp.float32) / np.sqrt(d)
+  logits_BxGxRxC = jnp.einsum("bgrd,bgcd->bgrc", q_BxGxRxK,
+                              k_BxGxCxK.astype(jnp.float32))
+  new_BxGxR = jnp.einsum("bgrd,bgd->bgr", q_BxGxRxK,
+                         k_new_BxGxK.astype(jnp.float32))
   if bias_HxC is not None:
-    logits_BxGxRxC += bias_HxC.astype(jnp.float32).reshape(g, h // g, c)
-  allowed_GxRxC = jnp.broadcast_to(allowed_xC, (h, c)).reshape(g, h // g, c)
+    logits_BxGxRxC += bias_HxC.astype(jnp.float32).reshape(g, r, c)
+    new_BxGxR += bias_new_H.astype(jnp.float32).reshape(g, r)
+  allowed_GxRxC = jnp.broadcast_to(allowed_xC, (h, c)).reshape(g, r, c)
+  allowed_new_GxR = jnp.broadcast_to(allowed_new_x, (h,)).reshape(g, r)
   logits_BxGxRxC = jnp.where(allowed_GxRxC, logits_BxGxRxC, -jnp.inf)
-  weights_BxGxRxC = jnp.where(allowed_GxRxC,
-                              jax.nn.softmax(logits_BxGxRxC, axis=-1), 0.0)
-  out_BxGxRxK = jnp.einsum("bgrc,bcgd->bgrd", weights_BxGxRxC,
-                           v_BxCxGxK.astype(jnp.float32))
+  new_BxGxR = jnp.where(allowed_new_GxR, new_BxGxR, -jnp.inf)
+  top_BxGxR = jnp.maximum(logits_BxGxRxC.max(-1), new_BxGxR)
+  top_BxGxR = jnp.where(jnp.isfinite(top_BxGxR), top_BxGxR, 0.0)
+  weights_BxGxRxC = jnp.exp(logits_BxGxRxC - top_BxGxR[..., None])
+  weight_new_BxGxR = jnp.exp(new_BxGxR - top_BxGxR)
+  total_BxGxR = weights_BxGxRxC.sum(-1) + weight_new_BxGxR
+  out_BxGxRxK = (jnp.einsum("bgrc,bgcd->bgrd", weights_BxGxRxC,
+                            v_BxGxCxK.astype(jnp.float32))
+                 + weight_new_BxGxR[..., None]
+                 * v_new_BxGxK.astype(jnp.float32)[:, :, None])
+  out_BxGxRxK /= jnp.where(total_BxGxR > 0, total_BxGxR, 1.0)[..., None]
   return out_BxGxRxK.reshape(b, h, d).astype(q_BxHxK.dtype)
 
 
@@ -268,10 +300,20 @@ def pattern_tiles(op: AttentionOp, capacity: int, num_heads: int, tile: int
   return np.stack(rows, axis=1), np.stack(tiles)
 
 
-def _write(cache_BxCx_, x_BxTx_, start):
+def _after(out_BxHxK, *xs):
+  """`xs` made to depend on the attention output (plus 0 times one of its
+  elements; XLA keeps x + 0 * y for floats), so the cache write follows the
+  cache reads: XLA's CPU copy insertion then updates the cache in place
+  instead of copying it every step (measured: 42 ms -> 5 ms per token of a
+  2-layer model at 16K positions)."""
+  zero = 0.0 * out_BxHxK[0, 0, 0].astype(jnp.float32)
+  return tuple((x.astype(jnp.float32) + zero).astype(x.dtype) for x in xs)
+
+
+def _write(cache_BxGxCxK, x_BxGxTxK, start):
   """Writes x into the cache from position `start` (may be traced)."""
   return constrain(jax.lax.dynamic_update_slice_in_dim(
-      cache_BxCx_, x_BxTx_.astype(cache_BxCx_.dtype), start, axis=1),
+      cache_BxGxCxK, x_BxGxTxK.astype(cache_BxGxCxK.dtype), start, axis=2),
                    CACHE_AXES)
 
 
