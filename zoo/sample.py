@@ -54,12 +54,12 @@ def sample_bytes(workdir: str, prompt: str, *, max_new_tokens: int,
                  sampling: decode.Sampling, seed: int = 0) -> bytes:
   """The prompt's UTF-8 bytes and their continuation, generation ending
   after the stop token."""
-  _, model, step = load(workdir)
   prompt_P = list(prompt.encode("utf-8"))
   if not prompt_P:
     raise SampleError("--prompt is empty; give at least one character")
   if max_new_tokens < 1:
     raise SampleError(f"--max_new_tokens={max_new_tokens} must be >= 1")
+  _, model, step = load(workdir)
   p, limit = len(prompt_P), model.trunk.position.max_length()
   if limit is not None and p > limit:
     raise SampleError(f"--prompt of {p} bytes is longer than the {limit} "
@@ -112,6 +112,16 @@ def main(argv):
   print(text.decode("utf-8", errors="replace"))
 
 
+def _parse_flags(argv):
+  """Flag errors (a malformed value) exit 2 with one line, like other bad
+  inputs."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"sample error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _sampling(temperature: float, top_k: int, top_p: float,
               stop_token: Optional[int]) -> decode.Sampling:
   try:
@@ -123,4 +133,4 @@ def _sampling(temperature: float, top_k: int, top_p: float,
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
