@@ -94,11 +94,12 @@ def summarize(records: list[dict], analysis) -> list[dict]:
   """The rows of a sweep's tables, one per (panel, line, x): the mean and
   interval over seeds of the finished cells' values, at the best values of
   `analysis.best_over` (best by that mean), with the failed and unfinished
-  cells of every value counted. With `analysis.time_views`,
-  also the values at equal training time (`at_time`, interpolated along
-  each cell's eval curve at the shortest cell's training seconds in the
-  panel) and whether the row is on the Pareto front of the metric against
-  training tokens/s. Rows keep the grid's order."""
+  cells of every value counted. With `analysis.time_views`, also the
+  values at equal training time (`at_time`, interpolated along each cell's
+  eval curve at the shortest cell's training seconds in the panel; a cell
+  not yet evaluated by then is left out) and
+  whether the row is on the Pareto front of the metric against training
+  tokens/s. Rows keep the grid's order."""
   a = analysis
   groups = {}
   for r in records:
@@ -150,7 +151,8 @@ def _time_views(rows: list[dict], higher_is_better: bool):
     r["time_budget_s"] = budget
     r["at_time"] = mean_ci([
         np.interp(budget, [p[1] for p in c["curve"]],
-                  [p[2] for p in c["curve"]]) for c in r["cells"]])
+                  [p[2] for p in c["curve"]])
+        for c in r["cells"] if c["curve"][0][1] <= budget])
   sign = 1 if higher_is_better else -1
 
   def dominates(o, r):
@@ -178,7 +180,7 @@ def _as_run(rows) -> tuple[str, str]:
   specs = _unique(s for r in rows for s in r["attention"])
   keys = _unique(k for r in rows for k in r["keys_per_query"])
   return (" / ".join(specs) or "-",
-          " / ".join("-" if k is None else f"{k:.1f}" for k in keys) or "-")
+          " / ".join(f"{k:.1f}" for k in keys) or "-")
 
 
 def sweep_tables(rows: list[dict], analysis) -> str:
@@ -210,7 +212,7 @@ def sweep_tables(rows: list[dict], analysis) -> str:
         header.append("published")
       if a.time_views:
         budget = next((r["time_budget_s"] for r in prows if r["n"]), None)
-        header += [f"{a.metric} at {budget or 0:.0f} s of training",
+        header += [f"{a.metric} at {budget or 0:.3g} s of training",
                    "train tokens/s", "train s", "Pareto"]
       for r in prows:
         label = _label(r["line"])
@@ -221,7 +223,7 @@ def sweep_tables(rows: list[dict], analysis) -> str:
           row.append(f"{value:.4g} ({name})" if name else "-")
         if a.time_views:
           row += ([format_ci(*r["at_time"]), format_ci(*r["tokens_per_s"]),
-                   f"{r['train_s'][0]:.0f}",
+                   f"{r['train_s'][0]:.3g}",
                    "yes" if r["pareto"] else "no"] if r["n"]
                   else ["-"] * 4)
         table.append(row)
@@ -250,9 +252,9 @@ def _ordering(rows, a) -> str:
 
 def sweep_plot(path: str, rows: list[dict], analysis, title: str):
   """Error-bar plot of the rows: metric against x, a line per line label
-  and a panel per panel; without x, bars per line label (with the published
-  numbers as markers), plus equal wall-clock bars and the Pareto plot when
-  the analysis has time views."""
+  and a panel per panel; without x, a point per line label (with the
+  published numbers as markers), plus the equal wall-clock values and the
+  Pareto plot when the analysis has time views."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -289,13 +291,13 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
     views = [("at equal steps", [(r["mean"], r["half"]) for r in prows])]
     if a.time_views:
       budget = prows[0]["time_budget_s"] if prows else 0
-      views.append((f"at equal training time ({budget:.0f} s)",
+      views.append((f"at equal training time ({budget:.3g} s)",
                     [r["at_time"][:2] for r in prows]))
     for j, (view, values) in enumerate(views):
       ax = axes[i, j]
-      ax.bar(pos, [v[0] for v in values],
-             yerr=[np.nan_to_num(v[1]) for v in values], capsize=3,
-             color="tab:blue", alpha=0.8)
+      ax.errorbar(pos, [v[0] for v in values],
+                  yerr=[np.nan_to_num(v[1]) for v in values], fmt="o",
+                  capsize=3, label="ours (mean, 95% interval)")
       refs = [a.reference.get(label) for label in labels]
       if j == 0 and any(refs):
         ax.scatter([p for p, ref in zip(pos, refs) if ref],

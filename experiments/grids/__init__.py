@@ -43,8 +43,9 @@ class Analysis:
   learning rate, as Zoology reports the best over a learning-rate sweep).
   `reference` holds published numbers by row label, as (source name,
   value in the metric's units). `time_views` adds the equal wall-clock
-  view (every row's metric at the training time of the fastest row) and
-  the Pareto plot of the metric against training tokens/s.
+  view (every row's metric at the training seconds of the panel's quickest
+  cell, read off each cell's eval curve) and the Pareto plot of the metric
+  against training tokens/s.
   """
 
   metric: str
@@ -144,18 +145,17 @@ def spec(name: str, kwargs: dict[str, Any]) -> str:
 def at_budget(attention: str, keys: float, t: int, causal: bool) -> str:
   """`attention` with its size argument (BUDGET_ARGS) set to the largest of
   `sizes(t)` with which one query sees at most `keys` keys at length t
-  (`keys_per_query`; the smallest size if none does). Largest, because the
-  Sparse Transformer's budget l + T / l falls and then rises with the block
-  l: this picks the rising branch, where the block holds the local context.
-  A spec that sets the argument itself, or a family without one, is
-  returned unchanged."""
+  (`keys_per_query`), or, if none is that small, to the size with the
+  fewest. Largest, because the Sparse Transformer's budget l + T / l falls
+  and then rises with the block l: this picks the rising branch, where the
+  block holds the local context. A spec that sets the argument itself, or
+  a family without one, is returned unchanged."""
   name, kwargs = registry.parse(attention)
   arg = BUDGET_ARGS.get(name)
   if arg is None or arg in kwargs:
     return attention
-  candidates = sizes(t)
-  for size in reversed(candidates):
-    op = registry.build("attention", spec(name, {**kwargs, arg: size}))
-    if op.keys_per_query(t, causal) <= keys:
-      return spec(name, {**kwargs, arg: size})
-  return spec(name, {**kwargs, arg: candidates[0]})
+  budgets = {size: registry.build("attention", spec(name, {
+      **kwargs, arg: size})).keys_per_query(t, causal) for size in sizes(t)}
+  within = [size for size, b in budgets.items() if b <= keys]
+  return spec(name, {**kwargs, arg: max(within) if within else min(
+      budgets, key=budgets.get)})

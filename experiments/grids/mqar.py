@@ -26,19 +26,24 @@ unless said). MQAR is learned in a sharp transition, from 0.25 accuracy
   by 600; length 128 sat at 0.25 until 600, 0.98 at 800 (with rope instead
   of learned positions: still 0.24 at 600). 2 pairs at length 16: 0.95 at
   200.
-- lr 1e-2 (width 64, length 64): still 0.25 after 500 steps. The measured
-  default (lr 1e-3, 8 pairs, vocabulary 128, length 128) stays at
-  0.12-0.13, the 1/8 of guessing among 8 values, through 1500 steps, and
-  so does lr 3e-3; 8 pairs at length 64 (vocabulary 64): 0.13 after 800.
+- lr 1e-2 (width 64, length 64): still 0.25 after 500 steps.
+- 8 pairs: the recipe measured before these probes (lr 1e-3, vocabulary
+  128, length 128) sits at 0.12-0.13, the 1/8 of guessing among 8 values,
+  after 1000-1500 steps; at lr 3e-3 it stayed at 0.12-0.13 through 1500
+  steps; at length 64 (vocabulary 64) 0.13 after 800.
 - width 16, length 64, 4 pairs: 0.22 after 600 steps.
 Throughput (2 layers, batch 32, machine shared with other jobs): width 64
 at about 20 steps/s at length 32, 12-15 at 64, 7 at 128; width 16 at 34
 steps/s at length 64. So the CPU preset keeps 4 pairs (more pairs do not
 clear the transition in CPU time) at lengths 16-64, with 300-700 steps:
 length 128 alone would need about 2 minutes per cell, 54 cells per panel.
-Estimated CPU preset wall time: about 80 minutes (per cell: steps over the
-throughput above plus about 7 s of compilation, data and checkpoints; 162
-cells).
+The costliest CPU cells (length 64, width 64, 700 steps) took 165 s each
+at load about 6 (standard: 0.996 accuracy; bigbird(block=1): 0.24;
+linear(feature='favor'): 0.25). Estimated CPU preset wall time: about 80
+minutes on a quiet 2-core machine (the default config runs 10.5 steps/s
+there), about 2.5 hours at load 6 (per cell: steps over the measured
+throughput plus about 10 s of compilation, data and checkpoints; 162
+cells, seeds 1 and 2 reusing seed 0's compiled programs).
 """
 
 from configs import default

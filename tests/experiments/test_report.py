@@ -60,4 +60,5 @@ def test_equal_time_values_and_pareto_front():
   rows = report.summarize(fast + slow + worse, analysis)
   assert [r["time_budget_s"] for r in rows] == [10.0] * 3
   assert [r["at_time"][0] for r in rows[:2]] == [2.0, pytest.approx(3.0)]
+  assert rows[2]["at_time"][2] == 0  # first evaluated after 20 s
   assert [r["pareto"] for r in rows] == [True, True, False]
