@@ -303,7 +303,8 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
         ax.scatter([p for p, ref in zip(pos, refs) if ref],
                    [ref[1] for ref in refs if ref], color="black", marker="D",
                    zorder=3, label=f"published ({a.reference_source})")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", ncol=2,
+                  bbox_to_anchor=(0.5, -0.6))
       ax.set_xticks(pos, labels, rotation=40, ha="right", fontsize=7)
       ax.set(ylabel=a.metric, title=f"{name} {view}".strip())
     if a.time_views:
@@ -330,7 +331,7 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
     axes[0, 0].legend(fontsize=7)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
