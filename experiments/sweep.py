@@ -13,11 +13,11 @@ session's wall seconds and device) or FAILED (the one-line error). Rerunning
 the same command skips cells with either file and resumes an interrupted
 cell from its newest checkpoint, so a sweep killed at any moment loses at
 most the steps since that checkpoint; --retry_failed runs the failed cells
-again from scratch. Task i of --num_tasks=n runs cells i, i + n, i + 2n, ... of the
-grid's fixed order, so an array job (Slurm, Kubernetes indexed jobs) with a
-shared OUT spreads a sweep over machines with no coordinator. One task
-(n = 1) writes the report when it ends; with n > 1, --report_only writes it
-from whatever cells have finished, at any time.
+again from scratch. Task i of --num_tasks=n runs cells i, i + n, i + 2n, ...
+of the grid's fixed order, so an array job (Slurm, Kubernetes indexed jobs)
+with a shared OUT spreads a sweep over machines with no coordinator. One
+task (n = 1) writes the report when it ends; with n > 1, --report_only
+writes it from whatever cells have finished, at any time.
 """
 
 import copy
@@ -303,7 +303,8 @@ def sweep_command(grid: str, preset: str, out: str, cells: str) -> str:
 
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(train._quiet_orbax)  # pylint: disable=protected-access
+  quiet_orbax = train._quiet_orbax  # pylint: disable=protected-access
+  logging.get_absl_handler().addFilter(quiet_orbax)
   f = flags.FLAGS
   try:
     grid = load_grid(f.grid, f.preset)

@@ -7,14 +7,14 @@ learning rate kept per point.
   python -m experiments.sweep --grid=experiments/grids/mqar.py \
       --preset=quick --out=/tmp/mqar
 
-Local, sparse and bigbird get the largest window / block with which a
-query sees at most the preset's `keys` (`grids.at_budget`) at every
-length, so the longer panels give them a smaller share of the dense
-budget; dense and linear attention see every earlier key. The MLP is 4x the width. Learning
+Local, sparse and bigbird get the largest window / block with which a query
+sees at most the preset's `keys` (`grids.at_budget`) at every length, so the
+longer panels give them a smaller share of the dense budget; dense and
+linear attention see every earlier key. The MLP is 4x the width. Learning
 rate is an axis: each point reports the rate with the best mean over seeds
 (as Zoology keeps the best of its learning-rate sweep; the pick is made on
-the reported metric, alike for every variant). The CPU preset has one
-rate, the one the probes below found best.
+the reported metric, alike for every variant). The CPU preset has one rate,
+the one the probes below found best.
 
 Sizing the CPU preset (probes on the shared 2-core machine: standard
 attention, learned positions, 2 layers, batch 32, vocabulary 64, lr 3e-3

@@ -1,7 +1,8 @@
 """Byte-level language modelling on a text file: bits per byte of every
 attention family (with sinusoidal positions, which every family takes) and
-of every position encoding (with standard attention), at equal steps and at equal training time, and bits per byte
-against training tokens/s (the Pareto plot).
+of every position encoding (with standard attention), at equal steps and at
+equal training time, and bits per byte against training tokens/s (the Pareto
+plot).
 
   python -m experiments.sweep \
       --grid=experiments/grids/text.py:/path/to/file.txt

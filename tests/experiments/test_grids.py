@@ -62,14 +62,15 @@ class FakeStrided:
 def test_at_budget_picks_the_largest_size_within_the_budget(monkeypatch):
   assert grids.sizes(40) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16, 19, 23,
                              27, 32, 38]
-  monkeypatch.setitem(registry._PARTS["attention"], "fake", FakeWindow)  # pylint: disable=protected-access
+  parts = registry._PARTS["attention"]  # pylint: disable=protected-access
+  monkeypatch.setitem(parts, "fake", FakeWindow)
   monkeypatch.setitem(grids.BUDGET_ARGS, "fake", "window")
   grids.at_budget.cache_clear()
   assert grids.at_budget("fake", 32, 256, True) == "fake(window=32)"
   assert grids.at_budget("fake", 31.5, 256, True) == "fake(window=27)"
   assert grids.at_budget("fake", 33, 256, False) == "fake(window=16)"
   assert grids.at_budget("fake", 0.5, 256, True) == "fake(window=1)"
-  monkeypatch.setitem(registry._PARTS["attention"], "strided", FakeStrided)  # pylint: disable=protected-access
+  monkeypatch.setitem(parts, "strided", FakeStrided)
   monkeypatch.setitem(grids.BUDGET_ARGS, "strided", "block")
   assert grids.at_budget("strided", 40, 256, True) == "strided(block=32)"
   assert grids.at_budget("strided", 20, 256, True) == "strided(block=16)"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from experiments import grids, report, sweep
+from experiments import report, sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
