@@ -166,6 +166,22 @@ def test_favor_draws_differ_per_layer_head_and_redraw():
       call(fixed, q, k, v, causal=True), rtol=1e-5, atol=1e-6)
 
 
+def test_favor_programs_hold_no_qr():
+  """FAVOR+ rows are drawn on the host (with a redraw step too): XLA:CPU in
+  jax 0.10.2 can deadlock a program holding several LAPACK QR calls (a
+  3-layer FAVOR+ model hung when each layer drew its rows in-program)."""
+  op = registry.build("attention", "linear(feature='favor', num_features=8, "
+                      "redraw_every=5)")
+  q, k, v = random_qkv(12)
+  fixed = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
+  redrawn = jax.jit(lambda q, k, v, step: op(q, k, v, causal=True,
+                                             step=step))
+  assert "lapack" in jax.jit(lambda x: jnp.linalg.qr(x)[0]).lower(
+      np.eye(4, dtype=np.float32)).as_text().lower()  # what the check sees
+  for lowered in (fixed.lower(q, k, v), redrawn.lower(q, k, v, 7)):
+    assert "lapack" not in lowered.as_text().lower()
+
+
 def test_favor_defaults_follow_the_paper():
   op = registry.build("attention", "linear(feature='favor')")
   assert op.num_features == 256 and op.redraw_every == 0

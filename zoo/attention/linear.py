@@ -22,6 +22,7 @@ key's own scale), so the normaliser stays positive.
 """
 
 import dataclasses
+import functools
 from typing import Optional
 
 import jax
@@ -46,21 +47,29 @@ def _rescale(old, new):
   return jnp.where(jnp.isfinite(old), jnp.exp(old - safe_new), 0.0)
 
 
-def _orthogonal_gaussian(key, num_rows: int, dim: int):
-  """num_rows x dim: blocks of `dim` orthonormal rows, each row rescaled to
-  the norm of a Gaussian vector, so every row is Gaussian and rows within a
-  block are orthogonal. Blocks are Haar-random: Q of a Gaussian matrix's QR
-  with the signs of R's diagonal folded in (Q alone is biased)."""
-  blocks = -(-num_rows // dim)
-  keys = jax.random.split(key, blocks + 1)
-
-  def block(block_key):
-    q_KxK, r_KxK = jnp.linalg.qr(jax.random.normal(block_key, (dim, dim)))
-    return (q_KxK * jnp.sign(jnp.diagonal(r_KxK))).T
-
-  rows = jnp.concatenate([block(k) for k in keys[:blocks]])[:num_rows]
-  norms = jnp.linalg.norm(jax.random.normal(keys[-1], (num_rows, dim)), axis=1)
-  return rows * norms[:, None]
+@functools.lru_cache(maxsize=256)
+def _favor_rows(seed: int, layer: int, draw: int, kv_heads: int,
+                num_rows: int, dim: int) -> np.ndarray:
+  """GxFxK FAVOR+ rows, one set per kv head from numpy's
+  default_rng((seed, layer, draw, head)): blocks of `dim` orthonormal rows,
+  each row rescaled to the norm of a Gaussian vector, so every row is
+  Gaussian and rows within a block are orthogonal. Blocks are Haar-random: Q
+  of a Gaussian matrix's QR with the signs of R's diagonal folded in (Q
+  alone is biased). Drawn on the host: XLA:CPU in jax 0.10.2 can deadlock a
+  program holding several QR decompositions (LAPACK calls share the 2-core
+  pool they run on)."""
+  heads = []
+  for head in range(kv_heads):
+    rng = np.random.default_rng((seed, layer, draw, head))
+    blocks = []
+    for _ in range(-(-num_rows // dim)):
+      q_KxK, r_KxK = np.linalg.qr(rng.standard_normal((dim, dim)))
+      blocks.append((q_KxK * np.sign(np.diag(r_KxK))).T)
+    norms_F = np.linalg.norm(rng.standard_normal((num_rows, dim)), axis=1)
+    heads.append(np.concatenate(blocks)[:num_rows] * norms_F[:, None])
+  rows = np.stack(heads).astype(np.float32)
+  rows.flags.writeable = False
+  return rows
 
 
 @registry.register("attention", "linear")
@@ -123,13 +132,17 @@ class Linear(AttentionOp):
     return step // self.redraw_every
 
   def projection(self, head_dim: int, kv_heads: int, draw=0):
-    """FAVOR+ rows GxFxK, one block per kv head, from the key
-    (seed, layer, draw, head); `draw` may be traced."""
-    key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.key(self.seed), self.layer), draw)
-    draw_head = lambda g: _orthogonal_gaussian(
-        jax.random.fold_in(key, g), self.num_features, head_dim)
-    return jax.lax.stop_gradient(jax.vmap(draw_head)(jnp.arange(kv_heads)))
+    """FAVOR+ rows GxFxK, one block per kv head, drawn from
+    (seed, layer, draw, head) (`_favor_rows`). A traced `draw` (redraws
+    during training) fetches the rows from the host by a callback."""
+    shape = (self.seed, self.layer)
+    rows = lambda d: _favor_rows(*shape, int(d), kv_heads, self.num_features,
+                                 head_dim)
+    if not isinstance(draw, jax.core.Tracer):
+      return jnp.asarray(rows(draw))
+    return jax.pure_callback(
+        rows, jax.ShapeDtypeStruct((kv_heads, self.num_features, head_dim),
+                                   jnp.float32), draw)
 
   def query_features(self, q_xGxRxK, w_GxFxK):
     """phi(q) ...xGxRxF, scaled by its largest feature (a factor that
