@@ -46,14 +46,8 @@ PRESETS = {
 }
 # The families: the KV cache (blockwise: its prefill stays linear in memory
 # at 16K; standard and xla decode alike), the KV cache with a pattern's row,
-# the ring buffer and the recurrent state (elu+1; see FAVOR_NOTE).
-OPS = ["blockwise", "bigbird", "local", "linear"]
-FAVOR_NOTE = (
-    "FAVOR+ (`linear(feature='favor')`) is not in the default ops: its "
-    "recurrent state has the form of elu+1's with F = 256 features, but on "
-    "jax 0.10.2's CPU backend a program of 3 or more FAVOR+ layers hangs "
-    "(about ten batched QR decompositions, the per-layer feature draws, in "
-    "one program deadlock); pass it with --ops on another backend.")
+# the ring buffer and the recurrent state (elu+1 and FAVOR+).
+OPS = ["blockwise", "bigbird", "local", "linear", "linear(feature='favor')"]
 FAMILIES = {decode.KVCacheDecoder: "KV cache",
             decode.PatternDecoder: "KV cache + pattern row",
             decode.RingDecoder: "ring buffer",
@@ -203,7 +197,7 @@ def _write(rows, preset, p, load_before, load_after):
       f"end on {ncpu} CPUs"
       + (": the machine was shared with other jobs, so timings are noisy."
          if max(load_before, load_after) > 0.5 * ncpu else ".")
-      + f" {FAVOR_NOTE}\n\n## Decode tokens/s\n\n{speed}\n\n"
+      + f"\n\n## Decode tokens/s\n\n{speed}\n\n"
       f"## Decode state memory (MiB, all layers, capacity L + "
       f"{p['steps']})\n\n{memory}\n\n"
       "## Against recomputing the forward pass for each token\n\n"
