@@ -29,25 +29,22 @@ on CPU), which doubles their wire bytes; the table shows both. Wire bytes per de
 (n-1) S, for a result of S bytes over n devices.
 """
 
+import dataclasses
+import math
 import os
+import re
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+from absl import app, flags
+from flax import nnx
 
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from configs import default  # noqa: E402
-from experiments import report  # noqa: E402
-from zoo import sharding, train  # noqa: E402
+from configs import default
+from experiments import report
+from zoo import sharding, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -265,6 +262,9 @@ def pod_rows(batch: int, bandwidth: float, peak: float, mfu: float):
 
 def main(argv):
   del argv
+  # 8 fake CPU devices (before the backend starts; --xla_force_host_platform_
+  # device_count in XLA_FLAGS does the same).
+  jax.config.update("jax_num_cpu_devices", 8)
   layouts = _LAYOUTS.value or (["data8", "fsdp8", "tensor8"] if _QUICK.value
                                else list(LAYOUTS))
   shape = dict(num_layers=_LAYERS.value, embed_dim=_WIDTH.value,
