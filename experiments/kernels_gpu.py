@@ -17,14 +17,13 @@ interpret mode (cuDNN is skipped: it has none). Without a GPU and without
 """
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments import report
+from experiments import report, timing
 from zoo import registry
 
 _QUICK = flags.DEFINE_bool("quick", False, "Checks only, at small sizes, "
@@ -105,16 +104,6 @@ def check(spec, dtype, causal, padded, shape):
           "grad_error": max(err(a, b) for a, b in zip(got_grads, want_grads))}
 
 
-def _median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # warm-up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
-
-
 def measure(spec, t, repeats, limit_gib):
   """Causal forward and forward+backward seconds (bf16, batch 1); None where
   the compiled program needs more than `limit_gib`."""
@@ -131,12 +120,10 @@ def measure(spec, t, repeats, limit_gib):
   row = {"op": spec, "length": t}
   for name, fn in (("forward", forward), ("forward_backward", both)):
     compiled = fn.lower(q, k, v).compile()
-    m = compiled.memory_analysis()
-    need = (m.argument_size_in_bytes + m.output_size_in_bytes
-            + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    need = timing.peak_bytes(compiled)
     row[f"{name}_gib"] = need / 2**30
     row[f"{name}_s"] = (None if need > limit_gib * 2**30 else
-                        _median_seconds(compiled, (q, k, v), repeats))
+                        timing.median_seconds(compiled, (q, k, v), repeats))
   return row
 
 
