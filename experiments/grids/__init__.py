@@ -159,3 +159,11 @@ def at_budget(attention: str, keys: float, t: int, causal: bool) -> str:
   within = [size for size, b in budgets.items() if b <= keys]
   return spec(name, {**kwargs, arg: max(within) if within else min(
       budgets, key=budgets.get)})
+
+
+def set_model(config, *, layers: int, width: int, heads: int):
+  """The model size of a grid's base config: MLP 4x the width, as many kv
+  heads as heads."""
+  m = config.model
+  m.num_layers, m.embed_dim, m.mlp_dim = layers, width, 4 * width
+  m.num_heads = m.num_kv_heads = heads

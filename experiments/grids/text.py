@@ -51,9 +51,7 @@ def get_grid(preset: str, text_path: str = "") -> grids.Grid:
   config.eval_every_steps = 2 * config.log_every_steps
   config.checkpoint_every_steps = max(1, steps // 4)
   config.max_checkpoints_to_keep = 1
-  m = config.model
-  m.num_layers, m.embed_dim, m.mlp_dim = layers, width, 4 * width
-  m.num_heads = m.num_kv_heads = heads
+  grids.set_model(config, layers=layers, width=width, heads=heads)
   config.data.seq_len = seq_len
 
   def derive(c):
