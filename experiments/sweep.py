@@ -145,9 +145,12 @@ def status(workdir: str) -> str:
 
 
 def _write_atomic(path: str, text: str):
-  with open(path + ".tmp", "w") as f:
+  """Writes `path` whole or not at all; the temporary name is this
+  process's own, as the tasks of an array job share the cells folder."""
+  tmp = f"{path}.{platform.node()}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
     f.write(text)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
