@@ -17,6 +17,7 @@ def get_config():
   config.batch_size = 32  # global, over all processes
   config.learning_rate = 1e-3
   config.warmup_steps = 100
+  config.lr_schedule = "cosine"  # after warmup: "cosine" or "constant"
   config.weight_decay = 0.1
   config.grad_clip_norm = 1.0
   # False: stop at a non-finite loss or gradient (exit 1, last checkpoint

@@ -37,6 +37,7 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
+from configs import default
 from experiments import grids, report
 from zoo import metrics, registry, train
 
@@ -166,7 +167,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def check_unchanged(cells: list[Cell], root: str):
   """Raises ValueError if a started cell ran another config than the grid
   now gives it (the grid file was edited): its results would be mixed.
-  Failed cells are exempt: a retry starts them afresh."""
+  Failed cells are exempt: a retry starts them afresh. A key the trainer
+  gained since the cell ran, at its default (configs/default.py), is no
+  change: a new key's default keeps the old behaviour."""
+  defaults = _flat(default.get_config().to_dict())
   for cell in cells:
     path = os.path.join(root, cell.name, "config.json")
     if (cell.error or not os.path.exists(path)
@@ -175,7 +179,9 @@ def check_unchanged(cells: list[Cell], root: str):
     with open(path) as f:
       ran = _flat(json.load(f))
     now = _flat(json.loads(cell.config.to_json()))
-    changed = sorted(k for k in ran.keys() | now.keys()
+    added = {k for k in now.keys() - ran.keys()
+             if k in defaults and now[k] == defaults[k]}
+    changed = sorted(k for k in ran.keys() | now.keys() - added
                      if ran.get(k) != now.get(k))
     if changed:
       raise ValueError(

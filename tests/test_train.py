@@ -116,6 +116,8 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
     ("model.num_kv_heads", 3, "num_heads=4 must be divisible by "
      "model.num_kv_heads=3"),
     ("batch_size", 0, "batch_size=0 must be >= 1"),
+    ("lr_schedule", "linear", "lr_schedule='linear'; valid: cosine, "
+     "constant"),
     ("model.attention", "local(window=0)", "model.attention: attention "
      "local(window=...) must be"),
     ("model.attention", "blockwise(block_q=0)", "model.attention: attention "
@@ -137,6 +139,23 @@ def test_bad_config_is_refused_before_anything(key, value, message, tmp_path):
   assert message in str(error.value)
   assert "\n" not in str(error.value)
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name,expected", [
+    # (step: learning rate) for peak 1e-2, 10 warmup steps, 100 steps.
+    ("cosine", {0: 0.0, 5: 5e-3, 10: 1e-2, 55: 5.5e-3, 100: 1e-3}),
+    ("constant", {0: 0.0, 5: 5e-3, 10: 1e-2, 55: 1e-2, 100: 1e-2}),
+])
+def test_learning_rate_schedules(name, expected):
+  """Warmup to the peak, then cosine to a tenth of it at the last step, or
+  constant (hand-computed values)."""
+  from configs import default
+  config = default.get_config()
+  config.learning_rate, config.warmup_steps = 1e-2, 10
+  config.num_train_steps, config.lr_schedule = 100, name
+  schedule = train.make_optimizer(config)[1]
+  for step, rate in expected.items():
+    assert float(schedule(step)) == pytest.approx(rate, rel=1e-5), step
 
 
 def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):

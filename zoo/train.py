@@ -71,6 +71,9 @@ def plan(config, workdir: str | None = None) -> Plan:
               "eval_every_steps", "checkpoint_every_steps", "peer_timeout_s"):
     if config[key] < 1:
       raise ConfigError(f"{key}={config[key]} must be >= 1")
+  if config.lr_schedule not in SCHEDULES:
+    raise ConfigError(f"lr_schedule={config.lr_schedule!r}; valid: "
+                      f"{', '.join(SCHEDULES)}")
   dtype = _dtype("model.dtype", m.dtype)
   param_dtype = _dtype("model.param_dtype", m.param_dtype)
   model_cls = registry.get("model", task.model)
@@ -109,12 +112,24 @@ def plan(config, workdir: str | None = None) -> Plan:
   return Plan(task=task, model_fn=model_fn)
 
 
+# Learning rate after the linear warmup: cosine decay to a tenth of the
+# peak at num_train_steps, or constant (so that every step of one run is a
+# point of the same recipe, as scaling-law fits over training tokens need).
+SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW with linear warmup and cosine decay, global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.learning_rate, config.warmup_steps,
-      max(config.num_train_steps, config.warmup_steps + 1),
-      end_value=config.learning_rate * 0.1)
+  """AdamW with linear warmup then `config.lr_schedule`, global-norm
+  clipping."""
+  if config.lr_schedule == "constant":
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+        optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, config.warmup_steps,
+        max(config.num_train_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * 0.1)
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
                    optax.adamw(schedule, weight_decay=config.weight_decay))
   return tx, schedule

@@ -83,6 +83,30 @@ def test_analysis_must_cover_every_axis(tmp_path, data_dir):
     grid.check()
 
 
+def test_edited_grid_is_refused_but_a_new_default_key_is_not(tmp_path,
+                                                            data_dir):
+  """A started cell whose config.json differs from the grid's config is
+  refused; a key missing from config.json (the trainer gained it since)
+  passes at its default and is refused at any other value."""
+  grid = sweep.load_grid(write_grid(tmp_path, data_dir, {
+      "model.num_layers": [1], "seed": [0]}), "cpu")
+  cell = sweep.expand(grid)[0]
+  root = tmp_path / "cells"
+  (root / cell.name).mkdir(parents=True)
+  ran = json.loads(cell.config.to_json())
+  del ran["lr_schedule"]
+  (root / cell.name / "config.json").write_text(json.dumps(ran))
+  sweep.check_unchanged([cell], str(root))
+  cell.config.lr_schedule = "constant"
+  with pytest.raises(ValueError, match=r"ran another config \(changed: "
+                     r"lr_schedule\)"):
+    sweep.check_unchanged([cell], str(root))
+  cell.config.lr_schedule = "cosine"
+  cell.config.learning_rate = 0.5
+  with pytest.raises(ValueError, match="changed: learning_rate"):
+    sweep.check_unchanged([cell], str(root))
+
+
 @pytest.mark.parametrize("num_tasks", [1, 2, 3, 7, 12])
 def test_shards_partition_the_cells(tmp_path, data_dir, num_tasks):
   grid = sweep.load_grid(write_grid(tmp_path, data_dir, {
