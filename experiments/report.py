@@ -361,6 +361,8 @@ def write_sweep(grid, records: list[dict], *, cmd: str, preset: str,
     plot = f"{grid.name}.png"
     sweep_plot(os.path.join(folder, plot), rows, a, grid.title)
     parts += [sweep_tables(rows, a), f"![{grid.name}]({plot})"]
+    if grid.analyze:
+      parts.append(grid.analyze(records, folder))
   if status["failed"]:
     parts.append("## Failed cells\n\n" + markdown_table(
         ["cell", "error"], [[r["name"], r["error"].replace("|", "\\|")]

@@ -22,6 +22,7 @@ writes it from whatever cells have finished, at any time.
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -36,10 +37,12 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags, logging
+from flax import nnx
 
 from configs import default
 from experiments import grids, report
 from zoo import metrics, registry, train
+from zoo.models import transformer
 
 DONE, FAILED = "DONE", "FAILED"
 
@@ -258,6 +261,14 @@ def _causal(task_spec: str) -> bool:
 
 
 
+@functools.lru_cache(maxsize=None)
+def _parameter_counts(config_json: str) -> dict[str, int]:
+  """Total and non-embedding parameters of a config's model (abstract: no
+  arrays are made)."""
+  p = train.plan(ml_collections.ConfigDict(json.loads(config_json)))
+  return transformer.parameter_counts(nnx.eval_shape(p.model_fn))
+
+
 def record(cell: Cell, root: str, metric: str) -> dict:
   """What the report needs of a cell: status, error, and for a finished
   cell its value (the last logged `metric`), its training tokens/s (the
@@ -265,7 +276,8 @@ def record(cell: Cell, root: str, metric: str) -> dict:
   those that hold an evaluation), its training seconds at that speed
   (compilation, evaluation and checkpoints left out: what a longer run
   spends per step) and eval curve of (step, training seconds, value), the
-  attention as run and its key budget."""
+  tokens per step, the parameter counts (zoo.models.transformer
+  .parameter_counts), the attention as run and its key budget."""
   workdir = os.path.join(root, cell.name)
   r = {"name": cell.name, "axes": cell.axes, "status": status(workdir)}
   if r["status"] == "failed":
@@ -292,6 +304,8 @@ def record(cell: Cell, root: str, metric: str) -> dict:
   m = config["model"]
   r.update(value=curve[-1][1], train_s=rows[-1]["step"] * seconds_per_step,
            tokens_per_s=tokens_per_s,
+           tokens_per_step=config["batch_size"] * config["data"]["seq_len"],
+           params=_parameter_counts(json.dumps(config, sort_keys=True)),
            curve=[(step, step * seconds_per_step, v) for step, v in curve],
            attention=m["attention"],
            keys_per_query=registry.build("attention", m["attention"])

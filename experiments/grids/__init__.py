@@ -69,7 +69,11 @@ class Grid:
   attention family at one position, plus every position with one family).
   `derive(config)`, if given, completes each cell's config after its
   overrides (e.g. sets a local window from the cell's length and the key
-  budget); the cell keeps its axis values as labels.
+  budget); the cell keeps its axis values as labels. `analyze(records,
+  folder)`, if given, is the experiment's own analysis beyond the tables
+  (e.g. fitted scaling laws): given every cell's record (experiments/
+  sweep.py `record`), it saves its plots into `folder` and returns
+  markdown for RESULTS.md.
   """
 
   name: str
@@ -79,6 +83,7 @@ class Grid:
   axes: dict[str, list] | list[dict[str, list]]
   analysis: Analysis
   derive: Callable[[ml_collections.ConfigDict], None] | None = None
+  analyze: Callable[[list[dict], str], str] | None = None
 
   def products(self) -> list[dict[str, list]]:
     return self.axes if isinstance(self.axes, list) else [self.axes]

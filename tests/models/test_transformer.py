@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from zoo import registry
-from zoo.models.transformer import Trunk
+from zoo.models.transformer import Trunk, parameter_counts
 
 
 def trunk(position, causal=False, attention="standard"):
@@ -113,6 +113,22 @@ def test_learned_positions_start_at_the_token_embeddings_scale():
   tokens = float(np.std(np.asarray(model.trunk.embed.embedding[...])))
   positions = float(np.std(np.asarray(model.trunk.position.table[...])))
   assert abs(positions / tokens - 1) < 0.1, (positions, tokens)
+
+
+def test_parameter_counts_by_hand():
+  """D=32, H=4 heads of K=8, G=2 kv heads, MLP F=48, 2 layers, vocabulary
+  50, learned positions over 12: per layer q D*H*K, k and v D*G*K each, out
+  H*K*D, MLP 2*D*F, two norms 2*D; a final norm D; embedding, head and
+  positions V*D, D*V and 12*D."""
+  d, h, g, k, f, v, t = 32, 4, 2, 8, 48, 50, 12
+  block = d * h * k + 2 * d * g * k + h * k * d + 2 * d * f + 2 * d
+  model = nnx.eval_shape(lambda: registry.get("model", "lm")(
+      vocab_size=v, seq_len=t, attention="standard", position="learned",
+      num_layers=2, embed_dim=d, num_heads=h, num_kv_heads=g, mlp_dim=f,
+      rngs=nnx.Rngs(0)))
+  counts = parameter_counts(model)
+  assert counts["non_embedding"] == 2 * block + d
+  assert counts["total"] == 2 * block + d + 2 * v * d + t * d
 
 
 def test_each_layer_draws_its_own_random_structure():

@@ -81,6 +81,16 @@ class Trunk(nnx.Module):
         max_len=cache.max_len)
 
 
+def parameter_counts(model) -> dict[str, int]:
+  """Parameters of an LM or classifier (built, or abstract from
+  nnx.eval_shape): `total`, and `non_embedding`, Kaplan et al.'s N for
+  scaling laws: the blocks and the final norm, leaving out the token
+  embedding, the positions and the output head."""
+  count = lambda m: sum(p.size for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+  return {"total": count(model),
+          "non_embedding": count(model.trunk.blocks) + count(model.trunk.norm)}
+
+
 @registry.register("model", "lm")
 class TransformerLM(nnx.Module):
   """Decoder-only causal language model with an untied output head."""
