@@ -85,13 +85,17 @@ class MultiHeadAttention(nnx.Module):
                step: Optional[jax.Array] = None):
     """`step` is the training step, for ops that redraw random features."""
     positions_T = jnp.arange(x_BxTxD.shape[1])
-    q_BxTxHxK = position.rotate(self.query(x_BxTxD), positions_T)
-    k_BxTxGxK = position.rotate(self.key(x_BxTxD), positions_T)
-    v_BxTxGxK = self.value(x_BxTxD)
+    with jax.named_scope("qkv_projection"):
+      q_BxTxHxK = position.rotate(self.query(x_BxTxD), positions_T)
+      k_BxTxGxK = position.rotate(self.key(x_BxTxD), positions_T)
+      v_BxTxGxK = self.value(x_BxTxD)
     q_BxTxHxK = constrain(q_BxTxHxK, ("batch", "length", "heads", "kv"))
-    out_BxTxHxK = self.op(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=self.causal,
-                          mask=mask_BxT, bias=position.bias(), step=step)
-    return self.out(out_BxTxHxK)
+    with jax.named_scope("attention_op"):
+      out_BxTxHxK = self.op(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
+                            causal=self.causal, mask=mask_BxT,
+                            bias=position.bias(), step=step)
+    with jax.named_scope("out_projection"):
+      return self.out(out_BxTxHxK)
 
   def init_state(self, batch: int, max_len: int):
     """This layer's empty decode state for up to `max_len` positions (see
@@ -141,9 +145,12 @@ class Mlp(nnx.Module):
                            rngs=rngs)
 
   def __call__(self, x_BxTxD):
-    h_BxTxF = jax.nn.gelu(self.up(x_BxTxD))
-    h_BxTxF = constrain(h_BxTxF, ("batch", "length", "mlp"))
-    return self.down(h_BxTxF)
+    with jax.named_scope("mlp_up"):
+      h_BxTxF = self.up(x_BxTxD)
+    with jax.named_scope("gelu"):
+      h_BxTxF = constrain(jax.nn.gelu(h_BxTxF), ("batch", "length", "mlp"))
+    with jax.named_scope("mlp_down"):
+      return self.down(h_BxTxF)
 
 
 def rms_norm(embed_dim: int, rngs: nnx.Rngs, dtype, param_dtype):
@@ -169,9 +176,12 @@ class TransformerBlock(nnx.Module):
   def __call__(self, x_BxTxD, position: Position,
                mask_BxT: Optional[jax.Array] = None,
                step: Optional[jax.Array] = None):
-    x_BxTxD = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), position,
-                                       mask_BxT, step)
-    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    with jax.named_scope("norm"):
+      h_BxTxD = self.attention_norm(x_BxTxD)
+    x_BxTxD = x_BxTxD + self.attention(h_BxTxD, position, mask_BxT, step)
+    with jax.named_scope("norm"):
+      h_BxTxD = self.mlp_norm(x_BxTxD)
+    x_BxTxD = x_BxTxD + self.mlp(h_BxTxD)
     return constrain(x_BxTxD, ("batch", "length", "embed"))
 
   def decode(self, x_BxTxD, position: Position, state, index,

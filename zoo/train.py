@@ -191,13 +191,16 @@ def _make_train_step(graphdef):
     grad_fn = nnx.value_and_grad(lambda m: m.loss(batch, step), has_aux=True)
     old_leaves = jax.tree.leaves(state)  # arrays; merge shares Variables
     (loss, metrics), grads = grad_fn(model)
-    grads_finite = jnp.stack([jnp.isfinite(g).all()
-                              for g in jax.tree.leaves(grads)])
-    finite = jnp.isfinite(loss) & grads_finite.all()
-    optimizer.update(model, grads)
+    with jax.named_scope("finite_check"):
+      grads_finite = jnp.stack([jnp.isfinite(g).all()
+                                for g in jax.tree.leaves(grads)])
+      finite = jnp.isfinite(loss) & grads_finite.all()
+    with jax.named_scope("optimizer"):
+      optimizer.update(model, grads)
     new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
-    new_state = jax.tree.unflatten(treedef, [
-        jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
+    with jax.named_scope("finite_check"):
+      new_state = jax.tree.unflatten(treedef, [
+          jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
     metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
                    grads_finite=grads_finite)
     return new_state, metrics

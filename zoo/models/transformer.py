@@ -45,11 +45,13 @@ class Trunk(nnx.Module):
 
   def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None,
                step: Optional[jax.Array] = None):
-    x_BxTxD = self.position.embed(self.embed(tokens_BxT))
+    with jax.named_scope("embedding"):
+      x_BxTxD = self.position.embed(self.embed(tokens_BxT))
     x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"))
     for block in self.blocks:
       x_BxTxD = block(x_BxTxD, self.position, mask_BxT, step)
-    return self.norm(x_BxTxD)
+    with jax.named_scope("norm"):
+      return self.norm(x_BxTxD)
 
   def init_cache(self, batch: int, max_len: int) -> decode.Cache:
     """An empty decode state for `batch` rows of up to `max_len` positions;
@@ -112,7 +114,9 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens_BxT, step: Optional[jax.Array] = None):
     """BxT tokens -> BxTxV logits (fp32); `step` is the training step (for
     attention that redraws random features)."""
-    return self.head(self.trunk(tokens_BxT, step=step)).astype(jnp.float32)
+    h_BxTxD = self.trunk(tokens_BxT, step=step)
+    with jax.named_scope("head"):
+      return self.head(h_BxTxD).astype(jnp.float32)
 
   def init_cache(self, batch: int, max_len: int) -> decode.Cache:
     """An empty decode state (per layer: KV cache, ring buffer or recurrent
@@ -137,12 +141,13 @@ class TransformerLM(nnx.Module):
   def loss(self, batch, step: Optional[jax.Array] = None):
     """Weighted next-token cross-entropy and accuracy."""
     logits_BxTxV = self(batch["inputs"], step)
-    weights_BxT = batch["weights"].astype(jnp.float32)
-    xent_BxT = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV, batch["targets"])
-    correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["targets"]
-    total = jnp.maximum(weights_BxT.sum(), 1.0)
-    loss = (xent_BxT * weights_BxT).sum() / total
+    with jax.named_scope("loss"):
+      weights_BxT = batch["weights"].astype(jnp.float32)
+      xent_BxT = optax.softmax_cross_entropy_with_integer_labels(
+          logits_BxTxV, batch["targets"])
+      correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["targets"]
+      total = jnp.maximum(weights_BxT.sum(), 1.0)
+      loss = (xent_BxT * weights_BxT).sum() / total
     return loss, {"loss": loss, "bits_per_token": loss / jnp.log(2.0),
                   "accuracy": (correct_BxT * weights_BxT).sum() / total}
 
