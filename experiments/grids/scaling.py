@@ -15,9 +15,11 @@ per step), the learning-curve reading of Kaplan et al. (2020). A constant
 rate makes every point of a curve the same recipe; under a cosine schedule
 the early points would be runs cut short mid-decay, the bias Chinchilla
 (Hoffmann et al. 2022) avoids by one run per D at several times the cost.
-Widths vary at fixed depth, the MLP 4x the width and heads of 16 dims;
-N counts the blocks and final norm (zoo.models.transformer
-.parameter_counts). One learning rate for every size (not tuned per
+Widths vary at fixed depth, the MLP 4x the width and heads of 16 dims
+(the narrowest width, 24, has one head); N counts the blocks and final
+norm (zoo.models.transformer.parameter_counts): 14k to 222k at the CPU
+preset (16x), D from 164k to 2.6M tokens (16x, up to 2.6 passes over
+tinyshakespeare's 1M training bytes). One learning rate for every size (not tuned per
 size, as both papers do). Loss is eval bits per byte; exponents do not
 depend on the unit (nats = bits x ln 2 for E).
 
@@ -48,7 +50,7 @@ FAMILIES = ["standard", "local", "linear(feature='elu')"]
 
 # (layers, widths, steps, batch, seq_len, seeds, learning rate, key budget)
 SIZES = {"quick": (1, [16, 24, 32], 16, 32, 32, [0, 1], 3e-3, 8),
-         "cpu": (2, [32, 48, 64, 96, 128], 640, 32, 128, [0, 1], 2e-3, 32),
+         "cpu": (2, [24, 32, 48, 64, 96], 640, 32, 128, [0, 1], 2e-3, 32),
          "full": (6, [128, 192, 256, 384, 512, 768], 20000, 64, 1024,
                   [0, 1, 2], 1e-3, 256)}
 EVALS = 16  # evaluations per run: D spans 16x
