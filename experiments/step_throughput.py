@@ -347,8 +347,38 @@ def main(argv):
       parts.append("## Where torch's train step goes\n\ntorch.profiler, "
                    "3 steps, by operator:\n\n```\n" + table + "\n```")
       raw["torch_profile"] = table
-  report.write("step_throughput", "Train step: zoo beside PyTorch eager",
-               "\n\n".join(parts), raw, _OUT.value)
+  parts.insert(2, "![step](step_throughput.png)")
+  folder = report.write("step_throughput", "Train step: zoo beside "
+                        "PyTorch eager", "\n\n".join(parts), raw, _OUT.value)
+  _plot(os.path.join(folder, "step_throughput.png"), rows,
+        raw.get("zoo_profile"))
+
+
+def _plot(path: str, rows: list[dict], breakdown: dict | None):
+  """Step, forward and forward+backward seconds per framework; zoo's step
+  by part when profiled."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2 if breakdown else 1, figsize=(
+      13 if breakdown else 5, 4.5), squeeze=False)
+  keys = ["train_step_s", "forward_backward_s", "forward_s"]
+  pos = np.arange(len(keys))
+  for i, r in enumerate(rows):
+    axes[0, 0].bar(pos + 0.4 * i, [r[k] for k in keys], 0.4,
+                   label=r["framework"])
+  axes[0, 0].set_xticks(pos + 0.2, ["train step", "fwd+bwd", "forward"])
+  axes[0, 0].set(ylabel="seconds (median)", title="Step time")
+  axes[0, 0].legend()
+  if breakdown:
+    parts = sorted(breakdown, key=breakdown.get)
+    axes[0, 1].barh(parts, [breakdown[p] for p in parts])
+    axes[0, 1].tick_params(axis="y", labelsize=7)
+    axes[0, 1].set(xlabel="thunk seconds per step",
+                   title="zoo train step by part")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 if __name__ == "__main__":
