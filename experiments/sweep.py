@@ -261,11 +261,23 @@ def _causal(task_spec: str) -> bool:
 
 
 
+def _fill(config: dict, defaults: dict):
+  """Adds to `config`, in place and at every depth, the keys it lacks."""
+  for key, value in defaults.items():
+    if key not in config:
+      config[key] = value
+    elif isinstance(value, dict) and isinstance(config[key], dict):
+      _fill(config[key], value)
+
+
 @functools.lru_cache(maxsize=None)
 def _parameter_counts(config_json: str) -> dict[str, int]:
   """Total and non-embedding parameters of a config's model (abstract: no
-  arrays are made)."""
-  p = train.plan(ml_collections.ConfigDict(json.loads(config_json)))
+  arrays are made); keys the trainer gained since the cell ran take their
+  defaults."""
+  config = json.loads(config_json)
+  _fill(config, default.get_config().to_dict())
+  p = train.plan(ml_collections.ConfigDict(config))
   return transformer.parameter_counts(nnx.eval_shape(p.model_fn))
 
 
@@ -305,7 +317,8 @@ def record(cell: Cell, root: str, metric: str) -> dict:
   r.update(value=curve[-1][1], train_s=rows[-1]["step"] * seconds_per_step,
            tokens_per_s=tokens_per_s,
            tokens_per_step=config["batch_size"] * config["data"]["seq_len"],
-           params=_parameter_counts(json.dumps(config, sort_keys=True)),
+           params=_parameter_counts(json.dumps(
+               {**config, "seed": 0}, sort_keys=True)),  # same for any seed
            curve=[(step, step * seconds_per_step, v) for step, v in curve],
            attention=m["attention"],
            keys_per_query=registry.build("attention", m["attention"])

@@ -107,6 +107,16 @@ def test_edited_grid_is_refused_but_a_new_default_key_is_not(tmp_path,
     sweep.check_unchanged([cell], str(root))
 
 
+def test_parameter_counts_of_a_config_from_before_a_new_key():
+  """A cell's config.json lacking keys the trainer has since gained (here
+  lr_schedule and model.dtype) still gives its model's counts."""
+  from configs import default
+  ran = default.get_config().to_dict()
+  del ran["lr_schedule"], ran["model"]["dtype"]
+  counts = sweep._parameter_counts(json.dumps(ran, sort_keys=True))
+  assert 0 < counts["non_embedding"] < counts["total"]
+
+
 @pytest.mark.parametrize("num_tasks", [1, 2, 3, 7, 12])
 def test_shards_partition_the_cells(tmp_path, data_dir, num_tasks):
   grid = sweep.load_grid(write_grid(tmp_path, data_dir, {
