@@ -15,6 +15,7 @@ under experiments/results/length_extrapolation/.
   python -m experiments.length_extrapolation --text_path=FILE --preset=gpu
 """
 
+import itertools
 import math
 import os
 import re
@@ -65,10 +66,12 @@ _MLP = flags.DEFINE_integer("mlp_dim", None, "MLP width.")
 _EVAL_BYTES = flags.DEFINE_integer(
     "eval_bytes", None, "Held-out bytes evaluated at each length (capped "
     "by the eval split).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: each encoding "
+                           "trains once per seed; tables give the mean and "
+                           "95% Student-t interval over them.")
 _WORKDIR = flags.DEFINE_string(
-    "workdir", "", "Folder for the training runs, one per encoding (default: "
-    "a fresh temporary folder); reusing one resumes finished runs.")
+    "workdir", "", "Folder for the training runs, one per encoding and seed "
+    "(default: a fresh temporary folder); reusing one resumes finished runs.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "TFDS data dir (default: "
                                 "TFDS's).")
 _OUT = flags.DEFINE_string("out", "", "Output folder (default "
@@ -86,9 +89,9 @@ def position_specs(max_len: int) -> list[str]:
           for p in _POSITIONS.value]
 
 
-def make_config(position: str, train_len: int):
+def make_config(position: str, train_len: int, seed: int):
   config = text_config.get_config(_TEXT.value)
-  config.seed = _SEED.value
+  config.seed = seed
   config.num_train_steps = setting("num_train_steps")
   config.batch_size = setting("batch_size")
   config.warmup_steps = min(100, config.num_train_steps // 10)
@@ -147,9 +150,12 @@ def main(argv):
   budget = setting("eval_bytes")
   root = _WORKDIR.value or tempfile.mkdtemp(prefix=f"zoo_{NAME}_")
   rows = []
-  for position in position_specs(max(multiples) * train_len):
-    config = make_config(position, train_len)
-    workdir = os.path.join(root, re.sub(r"[^A-Za-z0-9_.=-]+", "_", position))
+  for position, seed in itertools.product(
+      position_specs(max(multiples) * train_len),
+      [int(s) for s in _SEEDS.value]):
+    config = make_config(position, train_len, seed)
+    workdir = os.path.join(root, re.sub(r"[^A-Za-z0-9_.=-]+", "_", position)
+                           + f"_seed{seed}")
     start = time.time()
     last = train.train_and_evaluate(config, workdir)
     train_s = time.time() - start
@@ -158,13 +164,13 @@ def main(argv):
     by_length = {m * train_len: bits_by_position(model, data, m * train_len,
                                                  budget)
                  for m in multiples}
-    rows.append({"position": position, "train_s": train_s,
+    rows.append({"position": position, "seed": seed, "train_s": train_s,
                  "train_eval_bits": last.get("eval_bits_per_token"),
                  "bits": {t: float(b.mean()) for t, b in by_length.items()},
                  "bits_by_position": {t: b.tolist()
                                       for t, b in by_length.items()}})
-    print(position, {t: round(b, 4) for t, b in rows[-1]["bits"].items()},
-          flush=True)
+    print(position, seed, {t: round(b, 4)
+                           for t, b in rows[-1]["bits"].items()}, flush=True)
   _write(rows, config, train_len, multiples, budget)
 
 
@@ -177,20 +183,25 @@ def _write(rows, config, train_len, multiples, budget):
   longest = max(lengths)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   bin_ = max(1, train_len // 4)
-  for r in rows:
-    axes[0].plot(lengths, [r["bits"][t] for t in lengths], marker="o",
-                 label=r["position"])
-    per_pos = np.asarray(r["bits_by_position"][longest])
+  positions = list(dict.fromkeys(r["position"] for r in rows))
+  summary = {p: {t: report.mean_ci([r["bits"][t] for r in rows
+                                    if r["position"] == p])
+                 for t in lengths} for p in positions}
+  for p in positions:
+    axes[0].errorbar(lengths, [summary[p][t][0] for t in lengths],
+                     yerr=[np.nan_to_num(summary[p][t][1]) for t in lengths],
+                     marker="o", capsize=3, label=p)
+    per_pos = np.mean([r["bits_by_position"][longest] for r in rows
+                       if r["position"] == p], axis=0)
     binned = per_pos[:len(per_pos) // bin_ * bin_].reshape(-1, bin_).mean(1)
-    axes[1].plot(np.arange(len(binned)) * bin_ + bin_ / 2, binned,
-                 label=r["position"])
+    axes[1].plot(np.arange(len(binned)) * bin_ + bin_ / 2, binned, label=p)
   axes[0].set(xscale="log", xlabel="evaluation length (bytes)",
-              ylabel="bits per byte (all positions)")
+              ylabel="bits per byte (mean, 95% interval over seeds)")
   axes[0].minorticks_off()
   axes[0].set_xticks(lengths, [str(t) for t in lengths])
   axes[0].axvline(train_len, color="gray", ls=":")
   axes[1].set(xlabel=f"position in a {longest}-byte window",
-              ylabel=f"bits per byte (mean over {bin_} positions)")
+              ylabel=f"bits per byte (mean over {bin_} positions, seeds)")
   axes[1].axvline(train_len, color="gray", ls=":", label="train length")
   for ax in axes:
     ax.grid(True, alpha=0.3)
@@ -202,16 +213,23 @@ def _write(rows, config, train_len, multiples, budget):
   fig.savefig(os.path.join(folder, f"{NAME}.png"), dpi=110)
   table = report.markdown_table(
       ["position"] + [f"bpb @{t} ({t // train_len}x)" for t in lengths]
-      + ["trainer eval bpb", "train s"],
-      [[r["position"]] + [r["bits"][t] for t in lengths]
-       + [r["train_eval_bits"] or "-", r["train_s"]] for r in rows])
+      + ["trainer eval bpb", "train s (mean)"],
+      [[p] + [report.format_ci(*summary[p][t]) for t in lengths]
+       + [report.format_ci(*report.mean_ci(
+           [r["train_eval_bits"] for r in rows if r["position"] == p
+            and r["train_eval_bits"] is not None])),
+          float(np.mean([r["train_s"] for r in rows
+                         if r["position"] == p]))]
+       for p in positions])
   body = (
       f"Byte-level LM on `{_TEXT.value}`, trained {config.num_train_steps} "
       f"steps of batch {config.batch_size} at {train_len} bytes "
       f"({m.num_layers} layers, width {m.embed_dim}, {m.num_heads} heads, "
       f"MLP {m.mlp_dim}, attention `{m.attention}`), then evaluated on up to "
       f"{budget} held-out bytes cut into windows of each length. Bits per "
-      "byte averaged over every position of a window (lower is better); "
+      "byte averaged over every position of a window (lower is better), "
+      "mean ± 95% Student-t interval over the seeds "
+      f"{', '.join(_SEEDS.value)} (n seeds, n - 1 degrees of freedom); "
       f"device {jax.devices()[0].device_kind}, jax {jax.__version__}.\n\n"
       f"{table}\n\n![length extrapolation]({NAME}.png)\n")
   report.write(NAME, "Length extrapolation of positional encodings", body,
