@@ -190,7 +190,8 @@ def fit_family(runs: list[Run], seed: int = 0) -> dict:
     point = fit_law(xs, loss)
     slopes = ([raw_slope(xs[0], loss)] if which != "ND" else [])
     samples, skipped = [], 0
-    for _ in range(BOOTSTRAP):
+    # Resampling fewer than 3 runs gives no interval worth the name.
+    for _ in range(BOOTSTRAP if len(pool) >= 3 else 0):
       pick = [pool[i] for i in rng.integers(len(pool), size=len(pool))]
       bxs, bloss = _points(pick, which)
       if len({float(v) for v in bxs[0]}) < (3 if which != "D" else 2) or (
@@ -253,8 +254,10 @@ def budgets(runs: list[Run]) -> list[float]:
   return [middle / 4, middle, middle * 4]
 
 
-def _ci(value) -> str:
+def _ci(value, runs: int) -> str:
   v, lo, hi = value
+  if np.isnan(lo):
+    return f"{v:.3f} (no interval: {runs} run{'s' * (runs != 1)})"
   return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
@@ -272,13 +275,15 @@ def analyze(records: list[dict], folder: str) -> str:
       skipped.append(f"{f} ({len({r.n for r in mine})} sizes finished)")
   parts = ["## Fitted scaling laws",
            "Exponents with bootstrap 95% intervals (percentiles of "
-           f"{BOOTSTRAP} refits resampling runs); E in bits per byte. "
-           "`a` is the exponent on N, `b` on D."]
+           f"{BOOTSTRAP} refits resampling runs; none from fewer than 3 "
+           "runs: L(D) uses the largest model's runs alone, one per seed); "
+           "E in bits per byte. `a` is the exponent on N, `b` on D."]
   rows = []
   for f, fit in fits.items():
-    rows.append([f, _ci(fit["N"]["a"]), _ci(fit["N"]["raw"]),
-                 _ci(fit["D"]["b"]), _ci(fit["D"]["raw"]),
-                 _ci(fit["ND"]["a"]), _ci(fit["ND"]["b"]),
+    n, d, nd = (fit[k]["runs"] for k in ("N", "D", "ND"))
+    rows.append([f, _ci(fit["N"]["a"], n), _ci(fit["N"]["raw"], n),
+                 _ci(fit["D"]["b"], d), _ci(fit["D"]["raw"], d),
+                 _ci(fit["ND"]["a"], nd), _ci(fit["ND"]["b"], nd),
                  f"{fit['ND']['E']:.3f}",
                  f"{fit['N']['runs']} / {fit['D']['runs']} / "
                  f"{fit['ND']['points']}"])

@@ -46,6 +46,8 @@ def test_bootstrap_intervals_cover_the_true_exponents(monkeypatch):
   # Raw slopes (no E) are shallower than the exponents with E.
   assert fit["N"]["raw"][0] < fit["N"]["a"][0]
   assert fit["N"]["bootstrap"] + fit["N"]["skipped"] == scaling.BOOTSTRAP
+  # L(D) rests on the largest model's 2 runs: no interval is claimed.
+  assert fit["D"]["runs"] == 2 and np.isnan(fit["D"]["b"][1])
 
 
 def test_iso_flop_finds_the_compute_optimal_size():
