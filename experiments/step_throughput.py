@@ -46,15 +46,6 @@ from configs import text
 from experiments import report
 from zoo import registry, sharding, train
 
-_TORCH = flags.DEFINE_bool("torch", False, "Also time the PyTorch model.")
-_PROFILE = flags.DEFINE_bool("profile", False, "Break one step's time "
-                             "down by model part.")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per figure.")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed runs first.")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny model, 2 repeats.")
-_OUT = flags.DEFINE_string("out", "", "Output folder (default "
-                           "experiments/results/step_throughput).")
-
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
 VOCAB = 256
@@ -295,15 +286,16 @@ def torch_model(config):
 
 def main(argv):
   del argv
-  quick = _QUICK.value
-  repeats, warmup = (2, 1) if quick else (_REPEATS.value, _WARMUP.value)
+  f = flags.FLAGS
+  quick = f.quick
+  repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)
   config = make_config(quick)
   tokens = config.batch_size * config.data.seq_len
   zoo_model = ZooModel(config)
   runs = {"zoo": (zoo_model.train_step, zoo_model.forward_only,
                   zoo_model.forward_backward)}
   torch_profile = None
-  if _TORCH.value:
+  if f.torch:
     *fns, torch_profile = torch_model(config)
     runs["torch eager"] = tuple(fns)
   rows = []
@@ -331,7 +323,7 @@ def main(argv):
         f"{k} {rows[1][k] / rows[0][k]:.2f}x speed" for k in (
             "train_step_s", "forward_s", "forward_backward_s")))
   raw = {"rows": rows}
-  if _PROFILE.value:
+  if f.profile:
     breakdown = zoo_model.profile()
     total = sum(breakdown.values())
     parts.append("## Where zoo's train step goes\n\nXLA:CPU thunk time per "
@@ -349,7 +341,7 @@ def main(argv):
       raw["torch_profile"] = table
   parts.insert(2, "![step](step_throughput.png)")
   folder = report.write("step_throughput", "Train step: zoo beside "
-                        "PyTorch eager", "\n\n".join(parts), raw, _OUT.value)
+                        "PyTorch eager", "\n\n".join(parts), raw, f.out)
   _plot(os.path.join(folder, "step_throughput.png"), rows,
         raw.get("zoo_profile"))
 
@@ -381,5 +373,19 @@ def _plot(path: str, rows: list[dict], breakdown: dict | None):
   plt.close(fig)
 
 
+def _define_flags():
+  """Flags; defined only when run as a program, so importing this module
+  (tests, other benchmarks) defines none."""
+  flags.DEFINE_bool("torch", False, "Also time the PyTorch model.")
+  flags.DEFINE_bool("profile", False, "Break one step's time down by model "
+                    "part.")
+  flags.DEFINE_integer("repeats", 10, "Timed runs per figure.")
+  flags.DEFINE_integer("warmup", 3, "Untimed runs first.")
+  flags.DEFINE_bool("quick", False, "Tiny model, 2 repeats.")
+  flags.DEFINE_string("out", "", "Output folder (default "
+                      "experiments/results/step_throughput).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
