@@ -138,8 +138,8 @@ def over_tokens(layer, x_BxTx___):
   """`layer` applied with batch and length flattened into one token axis
   (BxTx... -> (B*T)x... and back). The weight gradient then contracts a
   single axis: with two (B and T), XLA:CPU writes a transposed copy of the
-  activation gradient first (an MLP's forward+backward ran 1.8x slower;
-  experiments/step_throughput.py profiles it)."""
+  activation gradient first (an MLP's forward+backward, timed alone, ran
+  1.8x slower; experiments/step_throughput.py --profile shows the copy)."""
   b, t = x_BxTx___.shape[:2]
   y_Nx___ = layer(x_BxTx___.reshape(b * t, *x_BxTx___.shape[2:]))
   return y_Nx___.reshape(b, t, *y_Nx___.shape[1:])
