@@ -1,10 +1,15 @@
 """Time and memory of every registered attention op against sequence length.
 
-For each op: forward and forward+backward wall time (median of --repeats runs
-after a warm-up) and peak memory (XLA's buffer assignment for the compiled
-program: arguments + outputs + temporaries), batch 1, 4 heads, head_dim 64,
-causal. Fits the growth exponent (log-log slope) over lengths >= 1024.
-Writes RESULTS.md, raw.json and cost.png under
+For each op: forward and forward+backward wall time (median and minimum of
+--repeats runs after a warm-up) and peak memory (XLA's buffer assignment for
+the compiled program: arguments + outputs + temporaries), batch 1, 4 heads,
+head_dim 64, causal. Fits the growth exponent (log-log slope of the minimum
+fwd+bwd time) over --fit_lengths; for pattern ops (local, sparse, BigBird)
+also against the visited (query, key) pairs, T x keys per query, which is
+the fair measure where a pattern's budget grows with T by definition
+(strided sparse adds T / block keys per query). With --torch, PyTorch's
+scaled_dot_product_attention beside them and blockwise's time as a ratio to
+it. Writes RESULTS.md, raw.json and cost.png under
 experiments/results/attention_cost/.
 
   python -m experiments.attention_cost                    # CPU default
@@ -17,26 +22,11 @@ import numpy as np
 from absl import app, flags
 
 from experiments import report, timing
-from zoo import registry
-
-_LENGTHS = flags.DEFINE_list(
-    "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"],
-    "Sequence lengths.")
-_OPS = flags.DEFINE_list("ops", [], "Attention specs (default: every "
-                         "registered op with default arguments).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point.")
-_DENSE_MAX = flags.DEFINE_integer(
-    "dense_max_len", 8192, "Longest length for ops that build the full "
-    "score matrix (standard, xla).")
-_MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", 4.0, "Points whose "
-                                   "compiled program needs more are skipped.")
-_TORCH = flags.DEFINE_bool("torch", False, "Also time PyTorch's "
-                           "scaled_dot_product_attention (if installed).")
-_OUT = flags.DEFINE_string("out", "", "Output folder (default "
-                           "experiments/results/attention_cost).")
+from zoo import registry, xla_flags
 
 HEADS, HEAD_DIM = 4, 64
 DENSE = ("standard", "xla")
+PATTERNS = ("local", "sparse", "bigbird")
 
 
 def _inputs(t, dtype=jnp.float32):
@@ -58,7 +48,10 @@ def measure(spec: str, t: int, repeats: int, limit: float):
     if row[f"{name}_bytes"] > limit * 2**30:
       row[f"{name}_s"] = None
       continue
-    row[f"{name}_s"] = timing.median_seconds(compiled, args, repeats)
+    times = timing.seconds(compiled, args, repeats)
+    row[f"{name}_s"], row[f"{name}_min_s"] = np.median(times), min(times)
+  if registry.parse(spec)[0] in PATTERNS:
+    row["keys_per_query"] = op.keys_per_query(t, causal=True)
   return row
 
 
@@ -73,8 +66,10 @@ def measure_torch(t: int, repeats: int):
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out.backward(grad)
 
+  times = timing.seconds(run, (), repeats)
   return {"op": "torch_sdpa", "length": t,
-          "forward_backward_s": timing.median_seconds(run, (), repeats)}
+          "forward_backward_s": float(np.median(times)),
+          "forward_backward_min_s": min(times)}
 
 
 def default_specs() -> list[str]:
@@ -84,9 +79,11 @@ def default_specs() -> list[str]:
   return specs + ["linear(feature='favor')"]
 
 
-def exponent(rows, key):
-  pts = [(r["length"], r[key]) for r in rows
-         if r.get(key) and r["length"] >= 1024]
+def exponent(rows, key, lo, hi, against="length"):
+  """Log-log slope of `key` against `against` over lengths lo..hi (None
+  with fewer than two points)."""
+  pts = [(r[against], r[key]) for r in rows
+         if r.get(key) and lo <= r["length"] <= hi]
   if len(pts) < 2:
     return None
   x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
@@ -95,36 +92,43 @@ def exponent(rows, key):
 
 def main(argv):
   del argv
-  specs = _OPS.value or default_specs()
-  lengths = [int(t) for t in _LENGTHS.value]
+  xla_flags.set_defaults()
+  specs = flags.FLAGS.ops or default_specs()
+  lengths = [int(t) for t in flags.FLAGS.lengths]
   rows = []
   for spec in specs:
     for t in lengths:
-      if registry.parse(spec)[0] in DENSE and t > _DENSE_MAX.value:
+      if registry.parse(spec)[0] in DENSE and t > flags.FLAGS.dense_max_len:
         continue
-      rows.append(measure(spec, t, _REPEATS.value, _MEMORY_LIMIT.value))
+      rows.append(measure(spec, t, flags.FLAGS.repeats, flags.FLAGS.memory_limit_gib))
       print(rows[-1], flush=True)
-  if _TORCH.value:
+  if flags.FLAGS.torch:
     for t in lengths:
-      rows.append(measure_torch(t, _REPEATS.value))
+      rows.append(measure_torch(t, flags.FLAGS.repeats))
       print(rows[-1], flush=True)
+  lo, hi = (int(t) for t in flags.FLAGS.fit_lengths)
   summary = []
-  for spec in specs + (["torch_sdpa"] if _TORCH.value else []):
+  for spec in specs + (["torch_sdpa"] if flags.FLAGS.torch else []):
     mine = [r for r in rows if r["op"] == spec]
+    for r in mine:
+      if "keys_per_query" in r:
+        r["pairs"] = r["length"] * r["keys_per_query"]
     summary.append({
         "op": spec,
-        "time_exponent": exponent(mine, "forward_backward_s"),
-        "memory_exponent": exponent(mine, "forward_backward_bytes"),
-        **{f"fwd_bwd_s@{r['length']}": r.get("forward_backward_s")
+        "time_exponent": exponent(mine, "forward_backward_min_s", lo, hi),
+        "pair_exponent": exponent(mine, "forward_backward_min_s", lo, hi,
+                                  "pairs") if "pairs" in mine[0] else None,
+        "memory_exponent": exponent(mine, "forward_backward_bytes", lo, hi),
+        **{f"fwd_bwd_s@{r['length']}": r.get("forward_backward_min_s")
            for r in mine}})
-  _write(rows, summary, lengths)
+  _write(rows, summary, lengths, lo, hi)
 
 
-def _write(rows, summary, lengths):
+def _write(rows, summary, lengths, lo, hi):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  folder = report.results_dir("attention_cost", _OUT.value)
+  folder = report.results_dir("attention_cost", flags.FLAGS.out)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for s in summary:
     mine = [r for r in rows if r["op"] == s["op"]]
@@ -141,24 +145,64 @@ def _write(rows, summary, lengths):
                f"(batch 1, {HEADS} heads, head_dim {HEAD_DIM}, causal)")
   fig.tight_layout()
   fig.savefig(f"{folder}/cost.png", dpi=110)
-  header = ["op", "time exponent", "memory exponent"] + [
-      f"fwd+bwd s @{t}" for t in lengths]
+  header = ["op", "time exponent", "exponent vs pairs",
+            "memory exponent"] + [f"fwd+bwd s @{t}" for t in lengths]
   table = report.markdown_table(header, [
-      [s["op"], s["time_exponent"] or "-", s["memory_exponent"] or "-"]
+      [s["op"], s["time_exponent"] or "-", s["pair_exponent"] or "-",
+       s["memory_exponent"] or "-"]
       + [s.get(f"fwd_bwd_s@{t}") or "-" for t in lengths] for s in summary])
   detail = report.markdown_table(
-      ["op", "length", "fwd s", "fwd+bwd s", "fwd+bwd peak MiB"],
-      [[r["op"], r["length"], r.get("forward_s") or "-",
-        r.get("forward_backward_s") or "-",
+      ["op", "length", "keys per query", "fwd s", "fwd+bwd s (median)",
+       "fwd+bwd s (min)", "fwd+bwd peak MiB"],
+      [[r["op"], r["length"], r.get("keys_per_query") or "-",
+        r.get("forward_s") or "-", r.get("forward_backward_s") or "-",
+        r.get("forward_backward_min_s") or "-",
         (r["forward_backward_bytes"] / 2**20
          if r.get("forward_backward_bytes") else "-")] for r in rows])
   body = (f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}. "
-          "Exponents are log-log slopes over lengths >= 1024; '-' = not "
-          "run (dense ops past --dense_max_len, or over the memory limit)."
-          f"\n\n{table}\n\n![cost](cost.png)\n\n## All points\n\n{detail}\n")
+          f"Times are the minimum of {flags.FLAGS.repeats} runs after a warm-up "
+          f"(medians in the full table). Exponents are log-log slopes over "
+          f"lengths {lo}..{hi}: of time against length, and for pattern ops "
+          "of time against visited pairs (length x keys per query); '-' = "
+          "not run (dense ops past --dense_max_len, or over the memory "
+          f"limit).\n\n{table}\n\n![cost](cost.png)\n\n")
+  torch = {r["length"]: r["forward_backward_min_s"] for r in rows
+           if r["op"] == "torch_sdpa"}
+  if torch:
+    ratios = report.markdown_table(
+        ["length", "blockwise s", "torch SDPA s", "blockwise / torch"],
+        [[r["length"], r["forward_backward_min_s"], torch[r["length"]],
+          r["forward_backward_min_s"] / torch[r["length"]]] for r in rows
+         if r["op"] == "blockwise" and r.get("forward_backward_min_s")
+         and r["length"] in torch])
+    body += ("## Blockwise against PyTorch (causal fwd+bwd, minimum "
+             f"times)\n\n{ratios}\n\n")
+  body += f"## All points\n\n{detail}\n"
   report.write("attention_cost", "Attention cost against sequence length",
-               body, {"rows": rows, "summary": summary}, _OUT.value)
+               body, {"rows": rows, "summary": summary}, flags.FLAGS.out)
+
+
+def _define_flags():
+  """Flags; defined only when run as a program, so importing this module
+  (tests, other benchmarks) defines none."""
+  flags.DEFINE_list(
+      "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"],
+      "Sequence lengths.")
+  flags.DEFINE_list("ops", [], "Attention specs (default: every registered "
+                    "op with default arguments).")
+  flags.DEFINE_integer("repeats", 5, "Timed runs per point.")
+  flags.DEFINE_list("fit_lengths", ["2048", "8192"], "Shortest and longest "
+                    "length of the exponent fits.")
+  flags.DEFINE_integer("dense_max_len", 8192, "Longest length for ops that "
+                       "build the full score matrix (standard, xla).")
+  flags.DEFINE_float("memory_limit_gib", 4.0, "Points whose compiled "
+                     "program needs more are skipped.")
+  flags.DEFINE_bool("torch", False, "Also time PyTorch's "
+                    "scaled_dot_product_attention (if installed).")
+  flags.DEFINE_string("out", "", "Output folder (default "
+                      "experiments/results/attention_cost).")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

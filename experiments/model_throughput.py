@@ -29,26 +29,13 @@ from flax import nnx
 
 from configs import text
 from experiments import report, timing
-from zoo import registry, sharding, train
+from zoo import registry, sharding, train, xla_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPECS = ["standard", "xla", "blockwise", "local", "sparse", "bigbird",
          "linear", "linear(feature='favor')"]
-
-_SPECS = flags.DEFINE_list("specs", SPECS, "Attention specs.")
-_LENGTHS = flags.DEFINE_list(
-    "lengths", ["256", "1024", "4096", "16384"], "Sequence lengths.")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384, "Tokens per step "
-                               "(batch = tokens / length).")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point.")
-_LIMIT = flags.DEFINE_float("memory_limit_gib", 12.0, "Points whose "
-                            "compiled train step needs more are not run.")
-_QUICK = flags.DEFINE_bool("quick", False, "Tiny model, 2 short lengths, 3 "
-                           "specs.")
-_OUT = flags.DEFINE_string("out", "", "Output folder (default "
-                           "experiments/results/model_throughput).")
 
 
 def make_config(spec: str, length: int, tokens: int, quick: bool):
@@ -120,28 +107,42 @@ def crossover(rows, spec: str, baseline: str = "blockwise"):
   return None
 
 
+def longest_fitting(rows, spec: str):
+  """Longest measured length whose train step fit the memory limit, if
+  every shorter one fit too (None if the shortest did not)."""
+  best = None
+  for r in sorted((r for r in rows if r["spec"] == spec),
+                  key=lambda r: r["length"]):
+    if r.get("over_limit"):
+      break
+    best = r["length"]
+  return best
+
+
 def main(argv):
   del argv
-  quick = _QUICK.value
-  specs = ["standard", "blockwise", "local"] if quick else _SPECS.value
-  lengths = [64, 128] if quick else [int(t) for t in _LENGTHS.value]
-  tokens = 256 if quick else _TOKENS.value
-  folder = report.results_dir("model_throughput", _OUT.value)
+  xla_flags.set_defaults()
+  f = flags.FLAGS
+  quick = f.quick
+  specs = ["standard", "blockwise", "local"] if quick else f.specs
+  lengths = [64, 128] if quick else [int(t) for t in f.lengths]
+  tokens = 256 if quick else f.tokens_per_step
+  folder = report.results_dir("model_throughput", f.out)
   points_path = os.path.join(folder, "points.jsonl")
   done = {}
   if os.path.exists(points_path):
-    with open(points_path) as f:
-      for line in f:
+    with open(points_path) as fh:
+      for line in fh:
         row = json.loads(line)
         done[(row["spec"], row["length"])] = row
   for spec in specs:
     for t in lengths:
       if (spec, t) in done:
         continue
-      row = measure(spec, t, tokens, _REPEATS.value, _LIMIT.value, quick)
+      row = measure(spec, t, tokens, f.repeats, f.memory_limit_gib, quick)
       done[(spec, t)] = row
-      with open(points_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      with open(points_path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
       print(json.dumps(row))
   rows = [done[(s, t)] for s in specs for t in lengths]
   _plot(os.path.join(folder, "model_throughput.png"), rows, specs, lengths)
@@ -162,12 +163,15 @@ def main(argv):
       "configs/text.py sized "
       + ("1 layer, width 32" if quick else "4 layers, width 256, 4 heads, "
          "MLP 1024") + f", vocabulary 256, {tokens} tokens per step; "
-      f"medians of {_REPEATS.value} runs after a warm-up. 'over limit': the "
-      f"compiled train step needs more than {_LIMIT.value:g} GiB, not run.",
-      table, "![throughput](model_throughput.png)",
-      "## Crossover against blockwise (train tokens/s)", crossovers])
+      f"medians of {f.repeats} runs after a warm-up. 'over limit': the "
+      f"compiled train step needs more than {f.memory_limit_gib:g} GiB, not "
+      "run.", table, "![throughput](model_throughput.png)",
+      "## Crossover against blockwise (train tokens/s)", crossovers,
+      "## Where each op stops fitting", report.markdown_table(
+          ["spec", f"longest length within {f.memory_limit_gib:g} GiB"],
+          [[s, longest_fitting(rows, s) or "none"] for s in specs])])
   report.write("model_throughput", "Model throughput and memory against "
-               "length", body, {"rows": rows}, _OUT.value)
+               "length", body, {"rows": rows}, f.out)
 
 
 def _plot(path, rows, specs, lengths):
@@ -190,5 +194,23 @@ def _plot(path, rows, specs, lengths):
   plt.close(fig)
 
 
+def _define_flags():
+  """Flags; defined only when run as a program, so importing this module
+  (tests, other benchmarks) defines none."""
+  flags.DEFINE_list("specs", SPECS, "Attention specs.")
+  flags.DEFINE_list(
+      "lengths", ["256", "512", "1024", "2048", "4096", "8192", "16384"],
+      "Sequence lengths.")
+  flags.DEFINE_integer("tokens_per_step", 16384,
+                       "Tokens per step (batch = tokens / length).")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per point.")
+  flags.DEFINE_float("memory_limit_gib", 12.0, "Points whose compiled train "
+                     "step needs more are not run.")
+  flags.DEFINE_bool("quick", False, "Tiny model, 2 short lengths, 3 specs.")
+  flags.DEFINE_string("out", "", "Output folder (default "
+                      "experiments/results/model_throughput).")
+
+
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -44,17 +44,18 @@ from flax import nnx
 
 from configs import text
 from experiments import report
-from zoo import registry, sharding, train
+from zoo import registry, sharding, train, xla_flags
 
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
 VOCAB = 256
 
 
-def make_config(quick: bool):
+def make_config(quick: bool, attention: str = "standard"):
   layers, width, heads, mlp, length, batch = SHAPES[quick]
   config = text.get_config()
   m = config.model
+  m.attention = attention
   m.num_layers, m.embed_dim, m.mlp_dim = layers, width, mlp
   m.num_heads = m.num_kv_heads = heads
   config.data.seq_len, config.batch_size = length, batch
@@ -78,6 +79,7 @@ class ZooModel:
   config's LM on one random byte batch."""
 
   def __init__(self, config):
+    self.config = config
     m = config.model
     t, b = config.data.seq_len, config.batch_size
     model_cls = registry.get("model", "lm")
@@ -286,14 +288,17 @@ def torch_model(config):
 
 def main(argv):
   del argv
+  xla_flags.set_defaults()
   f = flags.FLAGS
   quick = f.quick
   repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)
-  config = make_config(quick)
+  zoo_models = {f"zoo {spec}": ZooModel(make_config(quick, spec))
+                for spec in f.attention}
+  zoo_model = next(iter(zoo_models.values()))
+  config = zoo_model.config
   tokens = config.batch_size * config.data.seq_len
-  zoo_model = ZooModel(config)
-  runs = {"zoo": (zoo_model.train_step, zoo_model.forward_only,
-                  zoo_model.forward_backward)}
+  runs = {name: (m.train_step, m.forward_only, m.forward_backward)
+          for name, m in zoo_models.items()}
   torch_profile = None
   if f.torch:
     *fns, torch_profile = torch_model(config)
@@ -305,7 +310,8 @@ def main(argv):
                  "tokens_per_s": tokens / step_s,
                  "forward_s": _median(forward, warmup, repeats),
                  "forward_backward_s": _median(backward, warmup, repeats)})
-  rows[0]["compile_s"] = zoo_model.compile_s
+  for row, model in zip(rows, zoo_models.values()):
+    row["compile_s"] = model.compile_s
   table = report.markdown_table(
       ["framework", "train tokens/s", "train step s", "forward s",
        "forward+backward s", "compile s"],
@@ -318,10 +324,12 @@ def main(argv):
       f"{heads} heads, MLP {mlp}, vocabulary {VOCAB}, length {length}, "
       f"batch {batch} ({tokens} tokens per step); medians of {repeats} "
       f"runs after {warmup} warm-up runs.", table]
-  if len(rows) == 2:
-    parts.append("Ratios zoo / torch: " + ", ".join(
-        f"{k} {rows[1][k] / rows[0][k]:.2f}x speed" for k in (
-            "train_step_s", "forward_s", "forward_backward_s")))
+  if f.torch:
+    parts.append("Speed of zoo / speed of torch:\n\n" + "\n".join(
+        f"- {r['framework']}: " + ", ".join(
+            f"{k} {rows[-1][k] / r[k]:.2f}x" for k in (
+                "train_step_s", "forward_s", "forward_backward_s"))
+        for r in rows[:-1]))
   raw = {"rows": rows}
   if f.profile:
     breakdown = zoo_model.profile()
@@ -356,10 +364,12 @@ def _plot(path: str, rows: list[dict], breakdown: dict | None):
       13 if breakdown else 5, 4.5), squeeze=False)
   keys = ["train_step_s", "forward_backward_s", "forward_s"]
   pos = np.arange(len(keys))
+  width = 0.8 / len(rows)
   for i, r in enumerate(rows):
-    axes[0, 0].bar(pos + 0.4 * i, [r[k] for k in keys], 0.4,
+    axes[0, 0].bar(pos + width * i, [r[k] for k in keys], width,
                    label=r["framework"])
-  axes[0, 0].set_xticks(pos + 0.2, ["train step", "fwd+bwd", "forward"])
+  axes[0, 0].set_xticks(pos + 0.4 - width / 2,
+                        ["train step", "fwd+bwd", "forward"])
   axes[0, 0].set(ylabel="seconds (median)", title="Step time")
   axes[0, 0].legend()
   if breakdown:
@@ -377,6 +387,9 @@ def _define_flags():
   """Flags; defined only when run as a program, so importing this module
   (tests, other benchmarks) defines none."""
   flags.DEFINE_bool("torch", False, "Also time the PyTorch model.")
+  flags.DEFINE_multi_string("attention", ["standard"], "Attention spec of "
+                            "the zoo model; repeat the flag for a row each "
+                            "(the profile is of the first).")
   flags.DEFINE_bool("profile", False, "Break one step's time down by model "
                     "part.")
   flags.DEFINE_integer("repeats", 10, "Timed runs per figure.")

@@ -8,16 +8,21 @@ import jax
 import numpy as np
 
 
-def median_seconds(fn, args, repeats: int) -> float:
-  """Median wall time of `fn(*args)` over `repeats` runs after one warm-up
-  run, each waited for (jax.block_until_ready)."""
+def seconds(fn, args, repeats: int) -> list[float]:
+  """Wall times of `repeats` runs of `fn(*args)` after one warm-up run,
+  each waited for (jax.block_until_ready)."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return times
+
+
+def median_seconds(fn, args, repeats: int) -> float:
+  """Median wall time of `fn(*args)` over `repeats` runs after a warm-up."""
+  return float(np.median(seconds(fn, args, repeats)))
 
 
 def peak_bytes(compiled) -> int:

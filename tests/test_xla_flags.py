@@ -1,0 +1,27 @@
+"""The trainer's XLA defaults: added to XLA_FLAGS, never over the user's."""
+
+import os
+
+from zoo import xla_flags
+
+
+def test_defaults_are_added_beside_other_flags(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  xla_flags.set_defaults()
+  flags = os.environ["XLA_FLAGS"].split()
+  assert flags[0] == "--xla_force_host_platform_device_count=8"
+  assert "--xla_cpu_experimental_ynn_fusion_type=-reduce" in flags
+
+
+def test_a_flag_the_user_set_is_kept(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  xla_flags.set_defaults()
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_experimental_ynn_fusion_type=")
+
+
+def test_set_when_unset(monkeypatch):
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  xla_flags.set_defaults()
+  assert os.environ["XLA_FLAGS"] == (
+      "--xla_cpu_experimental_ynn_fusion_type=-reduce")
