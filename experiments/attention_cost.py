@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import report, timing
-from zoo import registry, xla_flags
+from zoo import registry
 
 HEADS, HEAD_DIM = 4, 64
 DENSE = ("standard", "xla")
@@ -92,7 +92,6 @@ def exponent(rows, key, lo, hi, against="length"):
 
 def main(argv):
   del argv
-  xla_flags.set_defaults()
   specs = flags.FLAGS.ops or default_specs()
   lengths = [int(t) for t in flags.FLAGS.lengths]
   rows = []

@@ -29,7 +29,7 @@ from flax import nnx
 
 from configs import text
 from experiments import report, timing
-from zoo import registry, sharding, train, xla_flags
+from zoo import registry, sharding, train
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -121,7 +121,6 @@ def longest_fitting(rows, spec: str):
 
 def main(argv):
   del argv
-  xla_flags.set_defaults()
   f = flags.FLAGS
   quick = f.quick
   specs = ["standard", "blockwise", "local"] if quick else f.specs

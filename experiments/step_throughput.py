@@ -44,7 +44,7 @@ from flax import nnx
 
 from configs import text
 from experiments import report
-from zoo import registry, sharding, train, xla_flags
+from zoo import registry, sharding, train
 
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
@@ -288,7 +288,6 @@ def torch_model(config):
 
 def main(argv):
   del argv
-  xla_flags.set_defaults()
   f = flags.FLAGS
   quick = f.quick
   repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)

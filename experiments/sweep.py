@@ -41,7 +41,7 @@ from flax import nnx
 
 from configs import default
 from experiments import grids, report
-from zoo import metrics, registry, train, xla_flags
+from zoo import metrics, registry, train
 from zoo.models import transformer
 
 DONE, FAILED = "DONE", "FAILED"
@@ -339,7 +339,6 @@ def sweep_command(grid: str, preset: str, out: str, cells: str) -> str:
 
 def main(argv):
   del argv
-  xla_flags.set_defaults()
   quiet_orbax = train._quiet_orbax  # pylint: disable=protected-access
   logging.get_absl_handler().addFilter(quiet_orbax)
   f = flags.FLAGS

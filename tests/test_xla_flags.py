@@ -1,6 +1,8 @@
 """The trainer's XLA defaults: added to XLA_FLAGS, never over the user's."""
 
 import os
+import subprocess
+import sys
 
 from zoo import xla_flags
 
@@ -25,3 +27,11 @@ def test_set_when_unset(monkeypatch):
   xla_flags.set_defaults()
   assert os.environ["XLA_FLAGS"] == (
       "--xla_cpu_experimental_ynn_fusion_type=-reduce")
+
+
+def test_importing_zoo_sets_them_before_jax_starts():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-c", "import os, zoo; print(os.environ['XLA_FLAGS'])"],
+      env=env, capture_output=True, text=True, check=True, timeout=120)
+  assert out.stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=-reduce"

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoo import checkpoint, registry, sharding, supervise, xla_flags
+from zoo import checkpoint, registry, sharding, supervise
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
 
@@ -427,7 +427,6 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
   del argv
-  xla_flags.set_defaults()
   logging.get_absl_handler().addFilter(_quiet_orbax)
   f = flags.FLAGS
   if f.config is None or not f.workdir:
