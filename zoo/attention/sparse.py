@@ -8,11 +8,10 @@ strided columns, summary positions, gathered blocks); each part gathers only
 the keys it covers, so every visible key is counted once, and the parts'
 softmax terms are merged by their maxima and sums as in blockwise attention.
 Cost grows with the keys a query sees, never with a dense T x S matrix. Both
-ops need q_len == kv_len. BigBird runs its query block rows a few at a time
-(`jax.lax.map` in batches of about 512 positions), so its gathered keys stay
-the same size at any length (causal forward+backward at 8192: 0.28 ->
-0.24 s, time exponent 2048 -> 8192 from 1.2 to 0.95); the same batching
-made the strided and fixed patterns slower, so they run all blocks at once.
+ops need q_len == kv_len. Both run all blocks at once: running them a few
+at a time (`jax.lax.map` in batches, as local attention does) made the
+strided pattern slower, and BigBird faster alone at batch 1 (0.28 -> 0.24 s
+at 8192) but 13-25% slower inside the LM at every length.
 """
 
 import dataclasses
@@ -24,8 +23,6 @@ import numpy as np
 
 from zoo import registry
 from zoo.attention.base import AttentionOp
-
-_ROWS = 512  # query positions per step of BigBird's loop over block rows
 
 
 def _to_blocks(name, q, k, v, mask, block):
@@ -320,37 +317,22 @@ class BigBird(AttentionOp):
     if causal:
       ok_HxNxLxM = ok_HxNxLxM & (k_pos_HxNxM[:, :, None, :]
                                  <= q_pos_NxL[None, :, :, None])
+    valid_BxHxNx1xM = valid_BxNxL[:, idx_HxNxW].reshape(b, h, n, 1, -1)
+    k_BxHxNxMxK, v_BxHxNxMxK = (
+        a.transpose(0, 3, 1, 2, 4)[:, kv_head_H[:, None, None], idx_HxNxW]
+        .reshape(b, h, n, width * l, d) for a in (k_BxNxLxGxK, v_BxNxLxGxK))
     q_BxHxNxLxK = q_BxNxLxGxRxK.transpose(0, 3, 4, 1, 2, 5).reshape(
         b, h, n, l, d)
-    k_BxHxNxLxK, v_BxHxNxLxK = (
-        a.transpose(0, 3, 1, 2, 4)[:, kv_head_H] for a in (k_BxNxLxGxK,
-                                                           v_BxNxLxGxK))
-
-    def row(xs):
-      """Query block row i of every head against its gathered key blocks."""
-      i, q_BxHxLxK, ok_HxLxM, q_pos_L, k_pos_HxM = xs
-      idx_HxW = jnp.asarray(idx_HxNxW)[:, i]
-      k_BxHxMxK, v_BxHxMxK = (
-          a[:, np.arange(h)[:, None], idx_HxW].reshape(b, h, width * l, d)
-          for a in (k_BxHxNxLxK, v_BxHxNxLxK))
-      valid_BxHx1xM = valid_BxNxL[:, idx_HxW].reshape(b, h, 1, -1)
-      bias_HxLxM = None
-      if bias is not None:
-        per_head = lambda head, k_pos: bias(q_pos_L, k_pos)[head]
-        bias_HxLxM = jax.vmap(per_head)(jnp.arange(h), k_pos_HxM).astype(
-            jnp.float32)
-      return _merge(_part(q_BxHxLxK, k_BxHxMxK, v_BxHxMxK, "bhmk",
-                          ok_HxLxM[None] & valid_BxHx1xM, bias_HxLxM,
-                          query="bhlk"))
-
-    # A fixed number of block rows at a time (lax.map in batches): the
-    # gathered keys stay the same size at any length.
-    out_NxBxHxLxK = jax.lax.map(row, (
-        jnp.arange(n), jnp.moveaxis(q_BxHxNxLxK, 2, 0),
-        jnp.asarray(np.moveaxis(ok_HxNxLxM, 1, 0)), jnp.asarray(q_pos_NxL),
-        jnp.asarray(np.moveaxis(k_pos_HxNxM, 1, 0))),
-        batch_size=max(1, _ROWS // l))
-    return out_NxBxHxLxK.reshape(n, b, g, r, l, d).transpose(1, 0, 4, 2, 3, 5)
+    bias_HxNxLxM = None
+    if bias is not None:
+      per_head = lambda head, q_pos, k_pos: bias(q_pos, k_pos)[head]
+      bias_HxNxLxM = jax.vmap(jax.vmap(per_head, (None, 0, 0)), (0, None, 0))(
+          jnp.arange(h), jnp.asarray(q_pos_NxL), jnp.asarray(k_pos_HxNxM)
+      ).astype(jnp.float32)
+    out_BxHxNxLxK = _merge(_part(
+        q_BxHxNxLxK, k_BxHxNxMxK, v_BxHxNxMxK, "bhnmk",
+        ok_HxNxLxM[None] & valid_BxHxNx1xM, bias_HxNxLxM, query="bhnlk"))
+    return out_BxHxNxLxK.reshape(b, g, r, n, l, d).transpose(0, 3, 4, 1, 2, 5)
 
 
 @functools.cache
