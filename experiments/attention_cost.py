@@ -49,7 +49,8 @@ def measure(spec: str, t: int, repeats: int, limit: float):
       row[f"{name}_s"] = None
       continue
     times = timing.seconds(compiled, args, repeats)
-    row[f"{name}_s"], row[f"{name}_min_s"] = np.median(times), min(times)
+    row[f"{name}_s"] = float(np.median(times))
+    row[f"{name}_min_s"] = min(times)
   if registry.parse(spec)[0] in PATTERNS:
     row["keys_per_query"] = op.keys_per_query(t, causal=True)
   return row
@@ -92,22 +93,23 @@ def exponent(rows, key, lo, hi, against="length"):
 
 def main(argv):
   del argv
-  specs = flags.FLAGS.ops or default_specs()
-  lengths = [int(t) for t in flags.FLAGS.lengths]
+  f = flags.FLAGS
+  specs = f.ops or default_specs()
+  lengths = [int(t) for t in f.lengths]
   rows = []
   for spec in specs:
     for t in lengths:
-      if registry.parse(spec)[0] in DENSE and t > flags.FLAGS.dense_max_len:
+      if registry.parse(spec)[0] in DENSE and t > f.dense_max_len:
         continue
-      rows.append(measure(spec, t, flags.FLAGS.repeats, flags.FLAGS.memory_limit_gib))
+      rows.append(measure(spec, t, f.repeats, f.memory_limit_gib))
       print(rows[-1], flush=True)
-  if flags.FLAGS.torch:
+  if f.torch:
     for t in lengths:
-      rows.append(measure_torch(t, flags.FLAGS.repeats))
+      rows.append(measure_torch(t, f.repeats))
       print(rows[-1], flush=True)
-  lo, hi = (int(t) for t in flags.FLAGS.fit_lengths)
+  lo, hi = (int(t) for t in f.fit_lengths)
   summary = []
-  for spec in specs + (["torch_sdpa"] if flags.FLAGS.torch else []):
+  for spec in specs + (["torch_sdpa"] if f.torch else []):
     mine = [r for r in rows if r["op"] == spec]
     for r in mine:
       if "keys_per_query" in r:
@@ -159,7 +161,8 @@ def _write(rows, summary, lengths, lo, hi):
         (r["forward_backward_bytes"] / 2**20
          if r.get("forward_backward_bytes") else "-")] for r in rows])
   body = (f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}. "
-          f"Times are the minimum of {flags.FLAGS.repeats} runs after a warm-up "
+          f"Times are the minimum of {flags.FLAGS.repeats} runs after a "
+          "warm-up "
           f"(medians in the full table). Exponents are log-log slopes over "
           f"lengths {lo}..{hi}: of time against length, and for pattern ops "
           "of time against visited pairs (length x keys per query); '-' = "

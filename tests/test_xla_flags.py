@@ -1,4 +1,4 @@
-"""The trainer's XLA defaults: added to XLA_FLAGS, never over the user's."""
+"""zoo's XLA defaults: added to XLA_FLAGS on import, never over the user's."""
 
 import os
 import subprocess
