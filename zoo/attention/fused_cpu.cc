@@ -1,0 +1,369 @@
+// Fused softmax attention for CPUs: the FlashAttention-2 algorithm with each
+// block's scores kept in cache between its two matmuls, as XLA FFI handlers.
+//
+// Built on first use by zoo/attention/fused_cpu.py with the machine's C++
+// compiler (-O3 -march=native); GCC/Clang vector extensions, no intrinsics,
+// so it compiles for any x86 or Arm CPU.
+//
+// Layouts (row-major float32): q, out, dq [B, T, H, D]; k, v, dk, dv
+// [B, T, G, D] with H a multiple of G (query head h reads kv head h / (H/G));
+// lse [B, H, T]. T and D are multiples of 16 (the caller pads). Query t sees
+// key s when s <= t (causal) or s < valid (not causal).
+// Work is split over threads by (batch, head, query block) forward and by
+// (batch, kv head) backward, each unit in a fixed order, so results do not
+// depend on the thread count or timing.
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+constexpr int W = 16;      // floats per vector
+constexpr int BQ = 128;    // query rows per block (fastest measured)
+constexpr int BK = 256;    // keys per block
+constexpr float NEG = -INFINITY;
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
+inline v16 splat(float a) { return v16{} + a; }
+inline float hmax(v16 x) {
+  float m = x[0];
+  for (int e = 1; e < W; ++e) m = std::max(m, x[e]);
+  return m;
+}
+inline float hsum(v16 x) {
+  float s = 0.0f;
+  for (int e = 0; e < W; ++e) s += x[e];
+  return s;
+}
+
+// e^x for x <= 0 (x below -87 gives about 1e-38): x = n ln2 + r with
+// |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative error
+// about 2e-7), 2^n through the exponent bits.
+inline v16 vexp(v16 x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  const v16 round = splat(12582912.0f);  // 1.5 * 2^23: round to nearest
+  v16 n = (x * 1.44269504088896341f + round) - round;
+  v16 r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  v16 p = splat(1.0f / 720);
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  return p * reinterpret_cast<v16&>(bits);
+}
+
+// C[MR x 16 NV] (+)= A[MR x K] B[K x 16 NV] in registers: one broadcast of A
+// and NV loads of B per k feed MR x NV fused multiply-adds.
+template <int MR, int NV>
+inline void Tile(int K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  v16 c[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      c[r][v] = accumulate ? load(C + r * ldc + v * W) : splat(0.0f);
+  for (int k = 0; k < K; ++k) {
+    v16 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load(B + k * ldb + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const float a = A[r * lda + k];
+      for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store(C + r * ldc + v * W, c[r][v]);
+}
+
+template <int NV, int MR>
+void Rows(int M, int K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int i = 0;
+  for (; i + MR <= M; i += MR)
+    Tile<MR, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i + 2 <= M; i += 2)
+    Tile<2, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  for (; i < M; ++i)
+    Tile<1, NV>(K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+// C[M x N] (+)= A[M x K] B[K x N], row-major with leading dimensions;
+// N a multiple of 16.
+void Gemm(int M, int N, int K, const float* A, int64_t lda, const float* B,
+          int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  int j = 0;
+  for (; j + 4 * W <= N; j += 4 * W)
+    Rows<4, 6>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < N; j += W)
+    Rows<1, 8>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+}
+
+// dst[c x r] = scale * src[r x c]^T (src rows lds apart).
+void Transpose(int r, int c, const float* src, int64_t lds, float* dst,
+               float scale) {
+  for (int i0 = 0; i0 < r; i0 += W)
+    for (int j0 = 0; j0 < c; j0 += W)
+      for (int i = i0; i < std::min(r, i0 + W); ++i)
+        for (int j = j0; j < std::min(c, j0 + W); ++j)
+          dst[int64_t(j) * r + i] = src[i * lds + j] * scale;
+}
+
+int NumThreads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0)
+    return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Runs f(0) ... f(n - 1) on the CPUs this process may use.
+template <class F>
+void Parallel(int n, const F& f) {
+  const int threads = std::min(n, NumThreads());
+  std::atomic<int> next{0};
+  auto work = [&] {
+    for (int i; (i = next++) < n;) f(i);
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+
+struct Shape {
+  int B, T, H, G, D;
+  int64_t ldq() const { return int64_t(H) * D; }
+  int64_t ldk() const { return int64_t(G) * D; }
+};
+
+void Forward(const Shape& s, const float* q, const float* k, const float* v,
+             float* out, float* lse, bool causal, int valid, float scale) {
+  const int64_t ldq = s.ldq(), ldk = s.ldk();
+  const int R = s.H / s.G, nq = (s.T + BQ - 1) / BQ;
+  // Keys transposed once per (batch, kv head): kt [B, G, D, T].
+  std::vector<float> kt(int64_t(s.B) * s.G * s.D * s.T);
+  Parallel(s.B * s.G, [&](int bg) {
+    const int b = bg / s.G, g = bg % s.G;
+    Transpose(s.T, s.D, k + int64_t(b) * s.T * ldk + g * s.D, ldk,
+              kt.data() + int64_t(bg) * s.D * s.T, 1.0f);
+  });
+  Parallel(s.B * s.H * nq, [&](int unit) {
+    const int b = unit / (s.H * nq), h = unit / nq % s.H, g = h / R;
+    const int i0 = unit % nq * BQ, bq = std::min(BQ, s.T - i0);
+    std::vector<float> qs(BQ * s.D), p(BQ * BK), o(BQ * s.D, 0.0f),
+        m(BQ, NEG), l(BQ, 0.0f);
+    const float* qb = q + (int64_t(b) * s.T + i0) * ldq + h * s.D;
+    for (int i = 0; i < bq; ++i)
+      for (int d = 0; d < s.D; ++d) qs[i * s.D + d] = qb[i * ldq + d] * scale;
+    const float* ktb = kt.data() + int64_t(b * s.G + g) * s.D * s.T;
+    const float* vb = v + int64_t(b) * s.T * ldk + g * s.D;
+    const int end = causal ? i0 + bq : (valid + W - 1) / W * W;
+    for (int j0 = 0; j0 < end; j0 += BK) {
+      const int bk = std::min(BK, end - j0);
+      Gemm(bq, bk, s.D, qs.data(), s.D, ktb + j0, s.T, p.data(), BK, false);
+      for (int i = 0; i < bq; ++i) {
+        float* pi = p.data() + i * BK;
+        const int limit = (causal ? i0 + i + 1 : valid) - j0;  // keys < limit
+        for (int j = std::max(0, limit); j < bk; ++j) pi[j] = NEG;
+        v16 mx = splat(m[i]);
+        for (int j = 0; j < bk; j += W) {
+          const v16 x = load(pi + j);
+          mx = x > mx ? x : mx;
+        }
+        const float mnew = hmax(mx);
+        if (mnew == NEG) continue;  // every key so far masked
+        const float alpha = m[i] == NEG ? 0.0f : std::exp(m[i] - mnew);
+        v16 sum = splat(0.0f);
+        for (int j = 0; j < bk; j += W) {
+          const v16 x = load(pi + j);
+          const v16 e = x == NEG ? splat(0.0f) : vexp(x - mnew);
+          store(pi + j, e);
+          sum += e;
+        }
+        l[i] = l[i] * alpha + hsum(sum);
+        m[i] = mnew;
+        if (alpha != 1.0f)
+          for (int d = 0; d < s.D; d += W)
+            store(o.data() + i * s.D + d, load(o.data() + i * s.D + d) * alpha);
+      }
+      // Rows whose every key was masked keep stale scores: zero them.
+      for (int i = 0; i < bq; ++i)
+        if (m[i] == NEG)
+          std::fill(p.begin() + i * BK, p.begin() + i * BK + bk, 0.0f);
+      Gemm(bq, s.D, bk, p.data(), BK, vb + int64_t(j0) * ldk, ldk, o.data(),
+           s.D, true);
+    }
+    float* ob = out + (int64_t(b) * s.T + i0) * ldq + h * s.D;
+    float* lb = lse + (int64_t(b) * s.H + h) * s.T + i0;
+    for (int i = 0; i < bq; ++i) {
+      const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+      for (int d = 0; d < s.D; ++d) ob[i * ldq + d] = o[i * s.D + d] * inv;
+      lb[i] = l[i] > 0.0f ? m[i] + std::log(l[i]) : NEG;
+    }
+  });
+}
+
+// Per (batch, kv head), per query head of its group, per key block: the
+// block's probabilities transposed, P^T [keys x queries], are recomputed from
+// lse; dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+// dK += dS^T Q, dQ^T += K^T dS^T. Everything is row-major in this form.
+void Backward(const Shape& s, const float* q, const float* k, const float* v,
+              const float* out, const float* lse, const float* dout, float* dq,
+              float* dk, float* dv, bool causal, int valid, float scale) {
+  const int64_t ldq = s.ldq(), ldk = s.ldk(), TD = int64_t(s.T) * s.D;
+  const int R = s.H / s.G;
+  Parallel(s.B * s.G, [&](int bg) {
+    const int b = bg / s.G, g = bg % s.G;
+    std::vector<float> kt(TD), qt(TD), dot(TD), dqt(TD), delta(s.T),
+        pt(BK * BQ), dst(BK * BQ), dkb(BK * s.D), dvb(BK * s.D);
+    const float* kb = k + int64_t(b) * s.T * ldk + g * s.D;
+    const float* vb = v + int64_t(b) * s.T * ldk + g * s.D;
+    float* dkb_out = dk + int64_t(b) * s.T * ldk + g * s.D;
+    float* dvb_out = dv + int64_t(b) * s.T * ldk + g * s.D;
+    Transpose(s.T, s.D, kb, ldk, kt.data(), 1.0f);
+    for (int t = 0; t < s.T; ++t)
+      for (int d = 0; d < s.D; ++d)
+        dkb_out[t * ldk + d] = dvb_out[t * ldk + d] = 0.0f;
+    const int kend = causal ? s.T : (valid + W - 1) / W * W;
+    for (int r = 0; r < R; ++r) {
+      const int h = g * R + r;
+      const int64_t off = int64_t(b) * s.T * ldq + h * s.D;
+      const float *qb = q + off, *ob = out + off, *dob = dout + off;
+      const float* lb = lse + (int64_t(b) * s.H + h) * s.T;
+      Transpose(s.T, s.D, qb, ldq, qt.data(), scale);
+      Transpose(s.T, s.D, dob, ldq, dot.data(), 1.0f);
+      std::fill(dqt.begin(), dqt.end(), 0.0f);
+      for (int t = 0; t < s.T; ++t) {
+        v16 acc = splat(0.0f);
+        for (int d = 0; d < s.D; d += W)
+          acc += load(ob + t * ldq + d) * load(dob + t * ldq + d);
+        delta[t] = hsum(acc);
+      }
+      for (int j0 = 0; j0 < kend; j0 += BK) {
+        const int bk = std::min(BK, kend - j0);
+        std::fill(dkb.begin(), dkb.end(), 0.0f);
+        std::fill(dvb.begin(), dvb.end(), 0.0f);
+        for (int i0 = causal ? j0 / BQ * BQ : 0; i0 < s.T; i0 += BQ) {
+          const int bq = std::min(BQ, s.T - i0);
+          Gemm(bk, bq, s.D, kb + int64_t(j0) * ldk, ldk, qt.data() + i0, s.T,
+               pt.data(), BQ, false);
+          Gemm(bk, bq, s.D, vb + int64_t(j0) * ldk, ldk, dot.data() + i0, s.T,
+               dst.data(), BQ, false);
+          for (int j = 0; j < bk; ++j) {
+            float *pj = pt.data() + j * BQ, *dj = dst.data() + j * BQ;
+            // Queries i >= first see key j0 + j.
+            const int first = causal ? j0 + j - i0 : (j0 + j < valid ? 0 : bq);
+            for (int i = 0; i < bq; i += W) {
+              v16 e = vexp(load(pj + i) - load(lb + i0 + i));
+              v16 ds = e * (load(dj + i) - load(delta.data() + i0 + i));
+              if (i < first)
+                for (int x = 0; x < W; ++x)
+                  if (i + x < first) e[x] = ds[x] = 0.0f;
+              store(pj + i, e);
+              store(dj + i, ds);
+            }
+          }
+          Gemm(bk, s.D, bq, pt.data(), BQ, dob + int64_t(i0) * ldq, ldq,
+               dvb.data(), s.D, true);
+          Gemm(bk, s.D, bq, dst.data(), BQ, qb + int64_t(i0) * ldq, ldq,
+               dkb.data(), s.D, true);
+          Gemm(s.D, bq, bk, kt.data() + j0, s.T, dst.data(), BQ,
+               dqt.data() + i0, s.T, true);
+        }
+        for (int j = 0; j < bk; ++j)
+          for (int d = 0; d < s.D; ++d) {
+            dkb_out[int64_t(j0 + j) * ldk + d] += dkb[j * s.D + d] * scale;
+            dvb_out[int64_t(j0 + j) * ldk + d] += dvb[j * s.D + d];
+          }
+      }
+      float* dqb = dq + off;
+      for (int t = 0; t < s.T; ++t)
+        for (int d = 0; d < s.D; ++d)
+          dqb[t * ldq + d] = dqt[int64_t(d) * s.T + t] * scale;
+    }
+  });
+}
+
+ffi::Error ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                   Shape* s) {
+  auto dq = q.dimensions(), dk = k.dimensions();
+  if (dq.size() != 4 || dk.size() != 4)
+    return ffi::Error::InvalidArgument("q, k must be [B, T, heads, D]");
+  *s = Shape{int(dq[0]), int(dq[1]), int(dq[2]), int(dk[2]), int(dq[3])};
+  if (dk[0] != s->B || dk[1] != s->T || dk[3] != s->D || s->H % s->G ||
+      s->T % W || s->D % W)
+    return ffi::Error::InvalidArgument(
+        "need k [B, T, G, D] with G dividing H, T and D multiples of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v,
+                       ffi::ResultBuffer<ffi::F32> out,
+                       ffi::ResultBuffer<ffi::F32> lse, bool causal,
+                       int64_t valid, float scale) {
+  Shape s;
+  if (ffi::Error e = ShapeOf(q, k, &s); e.failure()) return e;
+  Forward(s, q.typed_data(), k.typed_data(), v.typed_data(),
+          out->typed_data(), lse->typed_data(), causal, int(valid), scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
+                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                        ffi::ResultBuffer<ffi::F32> dq,
+                        ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv, bool causal,
+                        int64_t valid, float scale) {
+  Shape s;
+  if (ffi::Error e = ShapeOf(q, k, &s); e.failure()) return e;
+  Backward(s, q.typed_data(), k.typed_data(), v.typed_data(),
+           out.typed_data(), lse.typed_data(), dout.typed_data(),
+           dq->typed_data(), dk->typed_data(), dv->typed_data(), causal,
+           int(valid), scale);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+using F32 = ffi::Buffer<ffi::F32>;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("valid")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<bool>("causal")
+                                  .Attr<int64_t>("valid")
+                                  .Attr<float>("scale"));
