@@ -1,6 +1,8 @@
 """Blockwise attention against the dense op with an explicit mask: values and
-gradients, with blocks small enough that every case spans several of them."""
+gradients, with blocks small enough that every case spans several of them;
+on CPU, which calls run the fused kernel and which the XLA form."""
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,14 @@ from attention_reference import (alibi, assert_bf16_close_to_fp32,
                                  assert_causal, assert_matches_dense,
                                  random_qkv)
 from zoo import registry
+from zoo.attention import fused_cpu, kernels
 
-SMALL = "blockwise(block_q=4, block_k=3)"
+# The XLA form, in blocks small enough to span several (the default on CPU
+# runs the fused kernel wherever it applies).
+SMALL = "blockwise(block_q=4, block_k=3, implementation='xla')"
+FUSED = "blockwise(implementation='fused')"
+needs_kernel = pytest.mark.skipif(fused_cpu.unavailable() is not None,
+                                  reason=str(fused_cpu.unavailable()))
 
 
 def allowed_mask(b, t, s, causal, lengths=None):
@@ -93,7 +101,8 @@ def test_causal_outputs_ignore_later_keys():
 
 
 def test_backward_memory_is_linear_in_length():
-  op = registry.build("attention", "blockwise(block_q=128, block_k=128)")
+  op = registry.build(
+      "attention", "blockwise(block_q=128, block_k=128, implementation='xla')")
   grad = jax.grad(lambda q, k, v: jnp.sum(op(q, k, v, causal=True)),
                   argnums=(0, 1, 2))
   temp = {}
@@ -105,8 +114,9 @@ def test_backward_memory_is_linear_in_length():
   assert temp[4096] < 4096 * 4096 * 4 / 8  # a TxS fp32 matrix is 64 MiB
 
 
-@pytest.mark.parametrize("spec,name", [("blockwise(block_q=0)", "block_q"),
-                                       ("blockwise(block_k=-2)", "block_k")])
+@pytest.mark.parametrize("spec,name", [
+    ("blockwise(block_q=0)", "block_q"), ("blockwise(block_k=-2)", "block_k"),
+    ("blockwise(implementation='triton')", "None, 'xla', 'fused'")])
 def test_bad_arguments_are_refused(spec, name):
   with pytest.raises(ValueError, match=name):
     registry.build("attention", spec)
@@ -117,3 +127,56 @@ def test_full_mask_is_refused():
   with pytest.raises(ValueError, match="mask must be bool"):
     registry.build("attention", SMALL)(q, k, v,
                                        mask=np.ones((2, 11, 11), bool))
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("g", [4, 2, 1])
+def test_fused_matches_dense(causal, g):
+  q, k, v = random_qkv(10, t=37, g=g, d=24)
+  assert_matches_reference(q, k, v, allowed_mask(2, 37, 37, causal),
+                           causal=causal, spec=FUSED)
+
+
+@needs_kernel
+def test_fused_bf16_and_causality():
+  assert_bf16_close_to_fp32(FUSED, seed=11)
+  assert_causal(FUSED, seed=12)
+
+
+def _lowered(spec, t=11, s=11, **kwargs):
+  q, k, v = random_qkv(13, t=t, s=s)
+  op = registry.build("attention", spec)
+  return jax.jit(lambda q, k, v: op(q, k, v, causal=True, **kwargs)).lower(
+      q, k, v).as_text()
+
+
+@needs_kernel
+def test_default_runs_the_kernel_only_where_it_applies():
+  pad_BxS = jnp.asarray(np.arange(11)[None, :] < np.array([11, 8])[:, None])
+  assert "zoo_attention_forward" in _lowered("blockwise")
+  for kwargs in ({"mask": pad_BxS}, {"bias": alibi(jnp.ones(4))},
+                 {"t": 5}):
+    assert "zoo_attention_forward" not in _lowered("blockwise", **kwargs)
+  assert "zoo_attention_forward" not in _lowered(SMALL)
+
+
+def test_fused_refuses_calls_it_cannot_take():
+  q, k, v = random_qkv(14)
+  op = registry.build("attention", FUSED)
+  with pytest.raises(ValueError, match="implementation='fused'.*padding mask"):
+    op(q, k, v, mask=jnp.ones((2, 11), bool))
+  with pytest.raises(ValueError, match="q_len != kv_len"):
+    op(q[:, :5], k, v, causal=True)
+
+
+def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch):
+  reason = "the fused CPU attention kernel could not be built: no compiler"
+  monkeypatch.setattr(fused_cpu, "unavailable", lambda: reason)
+  monkeypatch.setattr(kernels, "_WARNED", set())
+  warnings = []
+  monkeypatch.setattr(logging, "warning", warnings.append)
+  assert "zoo_attention_forward" not in _lowered("blockwise")
+  assert warnings == [f"attention blockwise: {reason}; running the XLA form"]
+  with pytest.raises(ValueError, match="no compiler"):
+    registry.build("attention", FUSED)(*random_qkv(15), causal=True)

@@ -127,7 +127,7 @@ class Splash(AttentionOp):
         registry.parse(self.like)[0], q.dtype, mask is not None,
         q.shape[1] == k.shape[1])
     if note:
-      _warn_once(f"attention splash(like={self.like!r}): {note}")
+      warn_once(f"attention splash(like={self.like!r}): {note}")
     if kernel == "splash":
       return self._splash(q, k, v, causal, mask)
     if kernel == "flash":
@@ -190,7 +190,6 @@ class Splash(AttentionOp):
     # padding (real queries see real keys) but not a padding mask.
     segments_BxT = None if tp == t else jnp.broadcast_to(
         (jnp.arange(tp) < t).astype(jnp.int32), (b, tp))
-    mesh, batch, heads = _mesh_axes(b, h)
 
     def run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT):
       return gpu_attention.mha(
@@ -198,15 +197,8 @@ class Splash(AttentionOp):
           sm_scale=d**-0.5, causal=causal,
           interpret=self.interpret)
 
-    if mesh is None:
-      out_BxTxHxK = run(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT)
-    else:
-      spec = P(batch, None, heads)
-      segments_spec = None if segments_BxT is None else P(batch)
-      out_BxTxHxK = jax.shard_map(
-          run, mesh=mesh, check_vma=False, out_specs=spec,
-          in_specs=(spec, spec, spec, segments_spec))(
-              q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT)
+    out_BxTxHxK = shard_heads(run, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
+                              segments_BxT)
     return out_BxTxHxK[:, :t].astype(q.dtype)
 
 
@@ -247,7 +239,7 @@ def choose(implementation, platform, pattern, dtype, padded, square):
 _WARNED = set()
 
 
-def _warn_once(message):
+def warn_once(message):
   """Logs a fallback once per process (ops are traced once per layer)."""
   if message not in _WARNED:
     _WARNED.add(message)
@@ -303,6 +295,29 @@ def _splash_kernel(pattern, t, tp, causal, num_heads, block, head_shards,
     return splash.make_splash_mha(
         splash.MultiHeadMask(masks), block_sizes=sizes,
         head_shards=head_shards, q_seq_shards=1, interpret=interpret)
+
+
+def shard_heads(run, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT=None):
+  """run(q, k, v, segments) -> out_BxTxHxK for a kernel that XLA cannot
+  partition: under the ambient mesh it runs in `jax.shard_map` over batch
+  and heads (the mesh axes the logical rules give them; an axis that does
+  not divide its dimension is replicated), kv heads repeated to one per
+  query head where they cannot split like the query heads. Outside a mesh,
+  run itself."""
+  b, _, h, _ = q_BxTxHxK.shape
+  g = k_BxTxGxK.shape[2]
+  mesh, batch, heads = _mesh_axes(b, h)
+  if mesh is None:
+    return run(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT)
+  if g % _size(mesh, heads):
+    k_BxTxGxK, v_BxTxGxK = (jnp.repeat(x, h // g, axis=2)
+                            for x in (k_BxTxGxK, v_BxTxGxK))
+  spec = P(batch, None, heads)
+  segments_spec = None if segments_BxT is None else P(batch)
+  return jax.shard_map(
+      run, mesh=mesh, check_vma=False, out_specs=spec,
+      in_specs=(spec, spec, spec, segments_spec))(
+          q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT)
 
 
 def _mesh_axes(batch_size, num_heads):

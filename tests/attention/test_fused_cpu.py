@@ -1,0 +1,97 @@
+"""The fused CPU kernel (zoo/attention/fused_cpu.py) against a float64 numpy
+reference: values and gradients over lengths and head dims that need
+padding to 16, several kernel blocks, grouped queries, both directions; and
+how the library is built and cached."""
+
+import os
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from zoo.attention import fused_cpu
+
+pytestmark = pytest.mark.skipif(fused_cpu.unavailable() is not None,
+                                reason=str(fused_cpu.unavailable()))
+
+
+def reference(q, k, v, d_out, causal):
+  """Softmax attention and its gradients in float64 numpy, written out."""
+  q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+  t, h, g, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+  k_h, v_h = (np.repeat(x, h // g, axis=2) for x in (k, v))
+  s = np.einsum("bthd,bshd->bhts", q, k_h) / np.sqrt(d)
+  if causal:
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum("bhts,bshd->bthd", p, v_h)
+  dp = np.einsum("bthd,bshd->bhts", d_out, v_h)
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(d)
+  dq = np.einsum("bhts,bshd->bthd", ds, k_h)
+  dk_h = np.einsum("bhts,bthd->bshd", ds, q)
+  dv_h = np.einsum("bhts,bthd->bshd", p, d_out)
+  fold = lambda x: x.reshape(*x.shape[:2], g, h // g, d).sum(3)
+  return out, dq, fold(dk_h), fold(dv_h)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("b,t,h,g,d", [(2, 13, 4, 2, 24), (1, 300, 2, 1, 64),
+                                       (2, 48, 2, 2, 8)])
+def test_matches_numpy(b, t, h, g, d, causal):
+  # 300 positions span three query blocks and two key blocks of the kernel.
+  rng = np.random.default_rng(t + d)
+  q = rng.standard_normal((b, t, h, d), np.float32)
+  k, v = (rng.standard_normal((b, t, g, d), np.float32) for _ in "kv")
+  d_out = rng.standard_normal((b, t, h, d), np.float32)
+  out, vjp = jax.vjp(
+      jax.jit(lambda q, k, v: fused_cpu.attention(q, k, v, causal=causal)),
+      q, k, v)
+  got = (out, *vjp(d_out))
+  for name, x, want in zip(("out", "dq", "dk", "dv"), got,
+                           reference(q, k, v, d_out, causal)):
+    np.testing.assert_allclose(x, want, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_vmap_runs_each_slice():
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((3, 1, 20, 2, 16), np.float32)
+             for _ in "qkv")
+  got = jax.vmap(lambda q, k, v: fused_cpu.attention(q, k, v, causal=True))(
+      q, k, v)
+  for i in range(3):
+    np.testing.assert_allclose(
+        got[i], reference(q[i], k[i], v[i], q[i], True)[0], atol=2e-5)
+
+
+def test_library_is_cached_by_key(tmp_path, monkeypatch):
+  monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
+  first = fused_cpu._build()
+  built_at = first.stat().st_mtime_ns
+  assert first.parent == tmp_path and first.suffix == ".so"
+  assert fused_cpu._build() == first
+  assert first.stat().st_mtime_ns == built_at  # reused, not rebuilt
+  assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no scratch
+
+
+def test_missing_compiler_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+  reason = fused_cpu._load.__wrapped__()
+  assert reason.startswith("the fused CPU attention kernel could not be "
+                           "built: ") and "no-such-compiler" in reason
+  assert "\n" not in reason
+
+
+def test_compile_error_reports_the_compiler_line(tmp_path, monkeypatch):
+  bad = tmp_path / "bad.cc"
+  bad.write_text("this is not C++\n")
+  monkeypatch.setattr(fused_cpu, "SOURCE", bad)
+  monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+  with pytest.raises(subprocess.CalledProcessError):
+    fused_cpu._build()
+  reason = fused_cpu._load.__wrapped__()
+  assert "bad.cc" in reason and "\n" not in reason
+  assert not os.listdir(tmp_path / "cache")  # nothing half-written is kept
