@@ -65,7 +65,7 @@ inline v16 vexp(v16 x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  return p * reinterpret_cast<v16&>(bits);
+  return p * (v16)bits;  // a vector cast keeps the bits
 }
 
 // C[MR x 16 NV] (+)= A[MR x K] B[K x 16 NV] in registers: one broadcast of A
@@ -112,15 +112,27 @@ void Gemm(int M, int N, int K, const float* A, int64_t lda, const float* B,
     Rows<1, 8>(M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
 }
 
-// dst[c x r] = scale * src[r x c]^T (src rows lds apart).
-void Transpose(int r, int c, const float* src, int64_t lds, float* dst,
-               float scale) {
-  for (int i0 = 0; i0 < r; i0 += W)
-    for (int j0 = 0; j0 < c; j0 += W)
-      for (int i = i0; i < std::min(r, i0 + W); ++i)
-        for (int j = j0; j < std::min(c, j0 + W); ++j)
-          dst[int64_t(j) * r + i] = src[i * lds + j] * scale;
+// The matmuls read their operands from buffers laid out for them: rows a
+// power of two apart (T or H x D floats) alias in the L1 cache.
+
+// dst [ceil(T / P) panels][D][P] = scale * src^T, panel p holding rows
+// p P ... p P + P - 1 of src [T x D] (rows lds apart): a block of P
+// transposed rows is one contiguous D x P matrix.
+void Panels(int T, int D, int P, const float* src, int64_t lds, float* dst,
+            float scale) {
+  for (int t = 0; t < T; ++t) {
+    float* col = dst + int64_t(t / P) * D * P + t % P;
+    for (int d = 0; d < D; ++d) col[int64_t(d) * P] = src[t * lds + d] * scale;
+  }
 }
+
+// dst [T x D] contiguous = src [T x D] with rows lds apart.
+void Compact(int T, int D, const float* src, int64_t lds, float* dst) {
+  for (int t = 0; t < T; ++t)
+    std::copy(src + t * lds, src + t * lds + D, dst + int64_t(t) * D);
+}
+
+int Blocks(int T, int P) { return (T + P - 1) / P; }
 
 int NumThreads() {
   cpu_set_t set;
@@ -152,13 +164,15 @@ struct Shape {
 void Forward(const Shape& s, const float* q, const float* k, const float* v,
              float* out, float* lse, bool causal, int valid, float scale) {
   const int64_t ldq = s.ldq(), ldk = s.ldk();
-  const int R = s.H / s.G, nq = (s.T + BQ - 1) / BQ;
-  // Keys transposed once per (batch, kv head): kt [B, G, D, T].
-  std::vector<float> kt(int64_t(s.B) * s.G * s.D * s.T);
+  const int R = s.H / s.G, nq = Blocks(s.T, BQ);
+  // Per (batch, kv head): keys as D x BK panels, values contiguous.
+  const int64_t panels = int64_t(Blocks(s.T, BK)) * BK * s.D;
+  std::vector<float> kt(s.B * s.G * panels),
+      vc(int64_t(s.B) * s.G * s.T * s.D);
   Parallel(s.B * s.G, [&](int bg) {
-    const int b = bg / s.G, g = bg % s.G;
-    Transpose(s.T, s.D, k + int64_t(b) * s.T * ldk + g * s.D, ldk,
-              kt.data() + int64_t(bg) * s.D * s.T, 1.0f);
+    const int64_t off = int64_t(bg / s.G) * s.T * ldk + bg % s.G * s.D;
+    Panels(s.T, s.D, BK, k + off, ldk, kt.data() + bg * panels, 1.0f);
+    Compact(s.T, s.D, v + off, ldk, vc.data() + int64_t(bg) * s.T * s.D);
   });
   Parallel(s.B * s.H * nq, [&](int unit) {
     const int b = unit / (s.H * nq), h = unit / nq % s.H, g = h / R;
@@ -168,12 +182,13 @@ void Forward(const Shape& s, const float* q, const float* k, const float* v,
     const float* qb = q + (int64_t(b) * s.T + i0) * ldq + h * s.D;
     for (int i = 0; i < bq; ++i)
       for (int d = 0; d < s.D; ++d) qs[i * s.D + d] = qb[i * ldq + d] * scale;
-    const float* ktb = kt.data() + int64_t(b * s.G + g) * s.D * s.T;
-    const float* vb = v + int64_t(b) * s.T * ldk + g * s.D;
+    const float* ktb = kt.data() + (b * s.G + g) * panels;
+    const float* vb = vc.data() + int64_t(b * s.G + g) * s.T * s.D;
     const int end = causal ? i0 + bq : (valid + W - 1) / W * W;
     for (int j0 = 0; j0 < end; j0 += BK) {
       const int bk = std::min(BK, end - j0);
-      Gemm(bq, bk, s.D, qs.data(), s.D, ktb + j0, s.T, p.data(), BK, false);
+      Gemm(bq, bk, s.D, qs.data(), s.D, ktb + int64_t(j0) * s.D, BK,
+           p.data(), BK, false);
       for (int i = 0; i < bq; ++i) {
         float* pi = p.data() + i * BK;
         const int limit = (causal ? i0 + i + 1 : valid) - j0;  // keys < limit
@@ -203,7 +218,7 @@ void Forward(const Shape& s, const float* q, const float* k, const float* v,
       for (int i = 0; i < bq; ++i)
         if (m[i] == NEG)
           std::fill(p.begin() + i * BK, p.begin() + i * BK + bk, 0.0f);
-      Gemm(bq, s.D, bk, p.data(), BK, vb + int64_t(j0) * ldk, ldk, o.data(),
+      Gemm(bq, s.D, bk, p.data(), BK, vb + int64_t(j0) * s.D, s.D, o.data(),
            s.D, true);
     }
     float* ob = out + (int64_t(b) * s.T + i0) * ldq + h * s.D;
@@ -224,32 +239,38 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
               const float* out, const float* lse, const float* dout, float* dq,
               float* dk, float* dv, bool causal, int valid, float scale) {
   const int64_t ldq = s.ldq(), ldk = s.ldk(), TD = int64_t(s.T) * s.D;
-  const int R = s.H / s.G;
+  const int R = s.H / s.G, D = s.D;
+  const int64_t kpanels = int64_t(Blocks(s.T, BK)) * BK * D;
+  const int64_t qpanels = int64_t(Blocks(s.T, BQ)) * BQ * D;
   Parallel(s.B * s.G, [&](int bg) {
     const int b = bg / s.G, g = bg % s.G;
-    std::vector<float> kt(TD), qt(TD), dot(TD), dqt(TD), delta(s.T),
-        pt(BK * BQ), dst(BK * BQ), dkb(BK * s.D), dvb(BK * s.D);
-    const float* kb = k + int64_t(b) * s.T * ldk + g * s.D;
-    const float* vb = v + int64_t(b) * s.T * ldk + g * s.D;
-    float* dkb_out = dk + int64_t(b) * s.T * ldk + g * s.D;
-    float* dvb_out = dv + int64_t(b) * s.T * ldk + g * s.D;
-    Transpose(s.T, s.D, kb, ldk, kt.data(), 1.0f);
+    // kc, vc, qc, doc: contiguous T x D; kt: D x BK panels; qt, dot, dqt:
+    // D x BQ panels.
+    std::vector<float> kc(TD), vc(TD), qc(TD), doc(TD), kt(kpanels),
+        qt(qpanels), dot(qpanels), dqt(qpanels), delta(s.T), pt(BK * BQ),
+        dst(BK * BQ), dkb(BK * D), dvb(BK * D);
+    const int64_t koff = int64_t(b) * s.T * ldk + g * D;
+    Compact(s.T, D, k + koff, ldk, kc.data());
+    Compact(s.T, D, v + koff, ldk, vc.data());
+    Panels(s.T, D, BK, k + koff, ldk, kt.data(), 1.0f);
+    float *dkb_out = dk + koff, *dvb_out = dv + koff;
     for (int t = 0; t < s.T; ++t)
-      for (int d = 0; d < s.D; ++d)
+      for (int d = 0; d < D; ++d)
         dkb_out[t * ldk + d] = dvb_out[t * ldk + d] = 0.0f;
     const int kend = causal ? s.T : (valid + W - 1) / W * W;
     for (int r = 0; r < R; ++r) {
       const int h = g * R + r;
-      const int64_t off = int64_t(b) * s.T * ldq + h * s.D;
-      const float *qb = q + off, *ob = out + off, *dob = dout + off;
+      const int64_t off = int64_t(b) * s.T * ldq + h * D;
       const float* lb = lse + (int64_t(b) * s.H + h) * s.T;
-      Transpose(s.T, s.D, qb, ldq, qt.data(), scale);
-      Transpose(s.T, s.D, dob, ldq, dot.data(), 1.0f);
+      Compact(s.T, D, q + off, ldq, qc.data());
+      Compact(s.T, D, dout + off, ldq, doc.data());
+      Panels(s.T, D, BQ, q + off, ldq, qt.data(), scale);
+      Panels(s.T, D, BQ, dout + off, ldq, dot.data(), 1.0f);
       std::fill(dqt.begin(), dqt.end(), 0.0f);
       for (int t = 0; t < s.T; ++t) {
         v16 acc = splat(0.0f);
-        for (int d = 0; d < s.D; d += W)
-          acc += load(ob + t * ldq + d) * load(dob + t * ldq + d);
+        for (int d = 0; d < D; d += W)
+          acc += load(out + off + t * ldq + d) * load(doc.data() + t * D + d);
         delta[t] = hsum(acc);
       }
       for (int j0 = 0; j0 < kend; j0 += BK) {
@@ -258,11 +279,15 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
         std::fill(dvb.begin(), dvb.end(), 0.0f);
         for (int i0 = causal ? j0 / BQ * BQ : 0; i0 < s.T; i0 += BQ) {
           const int bq = std::min(BQ, s.T - i0);
-          Gemm(bk, bq, s.D, kb + int64_t(j0) * ldk, ldk, qt.data() + i0, s.T,
-               pt.data(), BQ, false);
-          Gemm(bk, bq, s.D, vb + int64_t(j0) * ldk, ldk, dot.data() + i0, s.T,
-               dst.data(), BQ, false);
-          for (int j = 0; j < bk; ++j) {
+          // Causal: keys past this query block's last query are masked for
+          // all of it; only the first kj keys of the block take part.
+          const int kj = causal ? std::min(bk, i0 + bq - j0) : bk;
+          // Panel i0 / BQ of qt and dot starts at i0 x D.
+          Gemm(kj, bq, D, kc.data() + int64_t(j0) * D, D,
+               qt.data() + int64_t(i0) * D, BQ, pt.data(), BQ, false);
+          Gemm(kj, bq, D, vc.data() + int64_t(j0) * D, D,
+               dot.data() + int64_t(i0) * D, BQ, dst.data(), BQ, false);
+          for (int j = 0; j < kj; ++j) {
             float *pj = pt.data() + j * BQ, *dj = dst.data() + j * BQ;
             // Queries i >= first see key j0 + j.
             const int first = causal ? j0 + j - i0 : (j0 + j < valid ? 0 : bq);
@@ -276,23 +301,23 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
               store(dj + i, ds);
             }
           }
-          Gemm(bk, s.D, bq, pt.data(), BQ, dob + int64_t(i0) * ldq, ldq,
-               dvb.data(), s.D, true);
-          Gemm(bk, s.D, bq, dst.data(), BQ, qb + int64_t(i0) * ldq, ldq,
-               dkb.data(), s.D, true);
-          Gemm(s.D, bq, bk, kt.data() + j0, s.T, dst.data(), BQ,
-               dqt.data() + i0, s.T, true);
+          Gemm(kj, D, bq, pt.data(), BQ, doc.data() + int64_t(i0) * D, D,
+               dvb.data(), D, true);
+          Gemm(kj, D, bq, dst.data(), BQ, qc.data() + int64_t(i0) * D, D,
+               dkb.data(), D, true);
+          Gemm(D, bq, kj, kt.data() + int64_t(j0) * D, BK, dst.data(), BQ,
+               dqt.data() + int64_t(i0) * D, BQ, true);
         }
         for (int j = 0; j < bk; ++j)
-          for (int d = 0; d < s.D; ++d) {
-            dkb_out[int64_t(j0 + j) * ldk + d] += dkb[j * s.D + d] * scale;
-            dvb_out[int64_t(j0 + j) * ldk + d] += dvb[j * s.D + d];
+          for (int d = 0; d < D; ++d) {
+            dkb_out[int64_t(j0 + j) * ldk + d] += dkb[j * D + d] * scale;
+            dvb_out[int64_t(j0 + j) * ldk + d] += dvb[j * D + d];
           }
       }
-      float* dqb = dq + off;
       for (int t = 0; t < s.T; ++t)
-        for (int d = 0; d < s.D; ++d)
-          dqb[t * ldq + d] = dqt[int64_t(d) * s.T + t] * scale;
+        for (int d = 0; d < D; ++d)
+          dq[off + t * ldq + d] =
+              dqt[int64_t(t / BQ) * BQ * D + int64_t(d) * BQ + t % BQ] * scale;
     }
   });
 }
