@@ -74,10 +74,11 @@ def measure_torch(t: int, repeats: int):
 
 
 def default_specs() -> list[str]:
-  """Every registered op at its defaults, FAVOR+ beside elu linear; not
+  """Every registered op at its defaults, FAVOR+ beside elu linear and
+  blockwise's XLA form beside its default (the fused kernel on CPU); not
   splash, which off TPU/GPU runs its pattern's op."""
   specs = [n for n in registry.names("attention") if n != "splash"]
-  return specs + ["linear(feature='favor')"]
+  return specs + ["linear(feature='favor')", "blockwise(implementation='xla')"]
 
 
 def exponent(rows, key, lo, hi, against="length"):
@@ -167,16 +168,20 @@ def _write(rows, summary, lengths, lo, hi):
           f"lengths {lo}..{hi}: of time against length, and for pattern ops "
           "of time against visited pairs (length x keys per query); '-' = "
           "not run (dense ops past --dense_max_len, or over the memory "
-          f"limit).\n\n{table}\n\n![cost](cost.png)\n\n")
+          "limit). Peak bytes are XLA's buffer assignment: the fused CPU "
+          "kernel's own scratch (blockwise on CPU, about 8 x length x "
+          "head_dim floats per thread in the backward) is not in it."
+          f"\n\n{table}\n\n![cost](cost.png)\n\n")
   torch = {r["length"]: r["forward_backward_min_s"] for r in rows
            if r["op"] == "torch_sdpa"}
   if torch:
     ratios = report.markdown_table(
-        ["length", "blockwise s", "torch SDPA s", "blockwise / torch"],
-        [[r["length"], r["forward_backward_min_s"], torch[r["length"]],
+        ["op", "length", "s", "torch SDPA s", "op / torch"],
+        [[r["op"], r["length"], r["forward_backward_min_s"],
+          torch[r["length"]],
           r["forward_backward_min_s"] / torch[r["length"]]] for r in rows
-         if r["op"] == "blockwise" and r.get("forward_backward_min_s")
-         and r["length"] in torch])
+         if registry.parse(r["op"])[0] == "blockwise"
+         and r.get("forward_backward_min_s") and r["length"] in torch])
     body += ("## Blockwise against PyTorch (causal fwd+bwd, minimum "
              f"times)\n\n{ratios}\n\n")
   body += f"## All points\n\n{detail}\n"
