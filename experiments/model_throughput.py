@@ -34,8 +34,8 @@ from zoo import registry, sharding, train
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-SPECS = ["standard", "xla", "blockwise", "local", "sparse", "bigbird",
-         "linear", "linear(feature='favor')"]
+SPECS = ["standard", "xla", "blockwise", "blockwise(implementation='xla')",
+         "local", "sparse", "bigbird", "linear", "linear(feature='favor')"]
 
 
 def make_config(spec: str, length: int, tokens: int, quick: bool):
