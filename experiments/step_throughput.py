@@ -18,7 +18,7 @@ torch.optim.AdamW at the trainer's rate and weight decay, on every core
 compile time (first lower + compile, no persistent cache), and forward and
 forward+backward alone.
 
---profile adds where one train step's time goes: for zoo, jax's profiler
+--profile adds where one train step's time goes (the first --attention): for zoo, jax's profiler
 trace of XLA:CPU's thunks, each attributed by its instruction's op_name
 (from the compiled HLO) to a part of the model and to forward, backward or
 optimizer; for torch, torch.profiler's per-operator table.
@@ -333,9 +333,10 @@ def main(argv):
   if f.profile:
     breakdown = zoo_model.profile()
     total = sum(breakdown.values())
-    parts.append("## Where zoo's train step goes\n\nXLA:CPU thunk time per "
-                 "step from jax's profiler trace (summed over threads, so "
-                 "it can exceed the wall time), by part:\n\n"
+    parts.append(f"## Where zoo's train step goes ({f.attention[0]})\n\n"
+                 "XLA:CPU thunk time per step from jax's profiler trace "
+                 "(summed over threads, so it can exceed the wall time; a "
+                 "custom call counts its calling thread only), by part:\n\n"
                  + report.markdown_table(
                      ["part", "seconds per step", "share"],
                      [[k, v, f"{100 * v / total:.1f}%"] for k, v in sorted(
