@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from zoo import registry
-from zoo.attention import kernels
+from zoo.attention import fused_cpu, kernels
 
 # The smallest shapes splash accepts: blocks of 128 (its lanes), two of them.
 B, T, H, D = 2, 256, 4, 8
@@ -307,16 +307,20 @@ def _worker_sharded():
   the kernels (batch over data+fsdp, heads over tensor) equal the unsharded
   call, values and gradients: splash with GQA (kv heads split), BigBird's
   per-head masks and a padding mask; splash with MQA (kv heads repeated);
-  flash with 48 positions (padding segment ids sharded). Returns the worst
+  flash with 48 positions (padding segment ids sharded); blockwise's fused
+  CPU kernel with GQA and MQA (where it builds). Returns the worst
   error relative to each result's largest entry."""
   import flax.linen as nn
   from zoo import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   worst = 0.0
-  for g, t, spec, padded in (
-      (2, T, splash(BIGBIRD), True), (1, T, splash("standard"), True),
-      (2, 48, "splash(implementation='flash', interpret=True)", False)):
+  cases = [(2, T, splash(BIGBIRD), True), (1, T, splash("standard"), True),
+           (2, 48, "splash(implementation='flash', interpret=True)", False)]
+  if fused_cpu.unavailable() is None:
+    cases += [(2, 40, "blockwise(implementation='fused')", False),
+              (1, 40, "blockwise(implementation='fused')", False)]
+  for g, t, spec, padded in cases:
     rng = np.random.default_rng(g)
     q = rng.standard_normal((4, t, H, D), np.float32)
     k, v = (rng.standard_normal((4, t, g, D), np.float32) for _ in "kv")
