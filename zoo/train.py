@@ -189,18 +189,21 @@ def _make_train_step(graphdef):
     model, optimizer = nnx.merge(graphdef, state)
     step = optimizer.step[...]
     grad_fn = nnx.value_and_grad(lambda m: m.loss(batch, step), has_aux=True)
-    old_leaves = jax.tree.leaves(state)  # arrays; merge shares Variables
     (loss, metrics), grads = grad_fn(model)
     with jax.named_scope("finite_check"):
       grads_finite = jnp.stack([jnp.isfinite(g).all()
                                 for g in jax.tree.leaves(grads)])
       finite = jnp.isfinite(loss) & grads_finite.all()
-    with jax.named_scope("optimizer"):
-      optimizer.update(model, grads)
-    new_leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
-    with jax.named_scope("finite_check"):
-      new_state = jax.tree.unflatten(treedef, [
-          jnp.where(finite, n, o) for n, o in zip(new_leaves, old_leaves)])
+
+    def update(state):
+      model, optimizer = nnx.merge(graphdef, state)
+      with jax.named_scope("optimizer"):
+        optimizer.update(model, grads)
+      return nnx.state((model, optimizer))
+
+    # A branch, not a select over every leaf: the skipped update costs
+    # nothing and the taken one no extra pass over the state.
+    new_state = jax.lax.cond(finite, update, lambda state: state, state)
     metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
                    grads_finite=grads_finite)
     return new_state, metrics
