@@ -18,10 +18,11 @@ torch.optim.AdamW at the trainer's rate and weight decay, on every core
 compile time (first lower + compile, no persistent cache), and forward and
 forward+backward alone.
 
---profile adds where one train step's time goes (the first --attention): for zoo, jax's profiler
-trace of XLA:CPU's thunks, each attributed by its instruction's op_name
-(from the compiled HLO) to a part of the model and to forward, backward or
-optimizer; for torch, torch.profiler's per-operator table.
+--profile adds where one train step's time goes (of the first --attention):
+for zoo, jax's profiler trace of XLA:CPU's thunks, each attributed by its
+instruction's op_name (from the compiled HLO) to a part of the model and to
+forward, backward or optimizer; for torch, torch.profiler's per-operator
+table.
 """
 
 import collections
