@@ -13,7 +13,9 @@
 // (batch, kv head) backward, each unit in a fixed order, so results do not
 // depend on the thread count or timing.
 
+#ifdef __linux__
 #include <sched.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -134,10 +136,13 @@ void Compact(int T, int D, const float* src, int64_t lds, float* dst) {
 
 int Blocks(int T, int P) { return (T + P - 1) / P; }
 
+// The CPUs this process may run on (its affinity mask on Linux).
 int NumThreads() {
+#ifdef __linux__
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0)
     return std::max(1, CPU_COUNT(&set));
+#endif
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
