@@ -19,17 +19,13 @@ measured length from which an op's train tokens/s stays above blockwise's.
 import json
 import os
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import matplotlib
-import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from configs import text
-from experiments import report, timing
-from zoo import registry, sharding, train
+from experiments import lm_step, report, timing
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,36 +53,22 @@ def measure(spec: str, length: int, tokens: int, repeats: int, limit: float,
   """Train-step and forward time and peak memory of one point."""
   config = make_config(spec, length, tokens, quick)
   b = config.batch_size
-  model_cls = registry.get("model", "lm")
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = sharding.parse_rules(config.mesh.rules)
-  p = train.Plan(task=None, model_fn=lambda: model_cls(
-      vocab_size=256, seq_len=length, attention=spec,
-      position=config.model.position, num_layers=config.model.num_layers,
-      embed_dim=config.model.embed_dim, num_heads=config.model.num_heads,
-      num_kv_heads=config.model.num_kv_heads, mlp_dim=config.model.mlp_dim,
-      rngs=nnx.Rngs(0)))
-  s = train.setup(p, mesh, rules, train.make_optimizer(config)[0])
-  tokens_BxT = jax.random.randint(jax.random.key(0), (b, length + 1), 0, 256)
-  batch = {"inputs": tokens_BxT[:, :-1], "targets": tokens_BxT[:, 1:],
-           "weights": jnp.ones((b, length), jnp.float32)}
+  lm = lm_step.build(config)
+  graphdef, abstract_state = lm.setup.graphdef, lm.setup.abstract_state
   row = {"spec": spec, "length": length, "batch": b}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    step = jax.jit(train._make_train_step(s.graphdef),  # noqa: SLF001
-                   out_shardings=(s.state_shardings, None)
-                   ).lower(s.abstract_state, batch).compile()
-    forward = jax.jit(lambda st, x: nnx.merge(s.graphdef, st)[0](x)
-                      ).lower(s.abstract_state, batch["inputs"]).compile()
+  with lm.context():
+    step = lm.compile_step(donate=False)  # timed on one state, repeatedly
+    forward = jax.jit(lambda st, x: nnx.merge(graphdef, st)[0](x)
+                      ).lower(abstract_state, lm.batch["inputs"]).compile()
     row["train_bytes"] = timing.peak_bytes(step)
     row["forward_bytes"] = timing.peak_bytes(forward)
     if row["train_bytes"] > limit * 2**30:
       row["over_limit"] = True
       return row
-    state = jax.jit(lambda: nnx.state(s.create()),
-                    out_shardings=s.state_shardings)()
-    row["train_s"] = timing.median_seconds(step, (state, batch), repeats)
-    row["forward_s"] = timing.median_seconds(forward,
-                                             (state, batch["inputs"]), repeats)
+    state = lm.init_state()
+    row["train_s"] = timing.median_seconds(step, (state, lm.batch), repeats)
+    row["forward_s"] = timing.median_seconds(
+        forward, (state, lm.batch["inputs"]), repeats)
   row["train_tokens_per_s"] = b * length / row["train_s"]
   row["forward_tokens_per_s"] = b * length / row["forward_s"]
   return row

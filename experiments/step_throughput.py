@@ -26,7 +26,6 @@ table.
 """
 
 import collections
-import contextlib
 import glob
 import gzip
 import json
@@ -36,20 +35,17 @@ import shutil
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from configs import text
-from experiments import report
-from zoo import registry, sharding, train
+from experiments import lm_step, report
 
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
-VOCAB = 256
+VOCAB = lm_step.VOCAB
 
 
 def make_config(quick: bool, attention: str = "standard"):
@@ -81,41 +77,22 @@ class ZooModel:
 
   def __init__(self, config):
     self.config = config
-    m = config.model
-    t, b = config.data.seq_len, config.batch_size
-    model_cls = registry.get("model", "lm")
-    plan = train.Plan(task=None, model_fn=lambda: model_cls(
-        vocab_size=VOCAB, seq_len=t, attention=m.attention,
-        position=m.position, num_layers=m.num_layers, embed_dim=m.embed_dim,
-        num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-        mlp_dim=m.mlp_dim, rngs=nnx.Rngs(0)))
-    self.mesh = sharding.make_mesh(dict(config.mesh))
-    self.rules = sharding.parse_rules(config.mesh.rules)
-    s = train.setup(plan, self.mesh, self.rules,
-                    train.make_optimizer(config)[0])
-    tokens = jax.random.randint(jax.random.key(0), (b, t + 1), 0, VOCAB)
-    self.batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                  "weights": jnp.ones((b, t), jnp.float32)}
+    self.lm = lm_step.build(config)
+    self.batch = self.lm.batch
+    graphdef = self.lm.setup.graphdef
     with self._context():
       start = time.perf_counter()
-      self.step = jax.jit(train._make_train_step(s.graphdef),  # noqa: SLF001
-                          donate_argnums=0,
-                          out_shardings=(s.state_shardings, None)
-                          ).lower(s.abstract_state, self.batch).compile()
+      self.step = self.lm.compile_step(donate=True)
       self.compile_s = time.perf_counter() - start
-      self.state = jax.jit(lambda: nnx.state(s.create()),
-                           out_shardings=s.state_shardings)()
+      self.state = self.lm.init_state()
 
-      model = lambda state: nnx.merge(s.graphdef, state)[0]
+      model = lambda state: nnx.merge(graphdef, state)[0]
       self.forward = jax.jit(lambda st, b: model(st).loss(b)[0])
       self.backward = jax.jit(lambda st, b: nnx.grad(
           lambda mdl: mdl.loss(b)[0])(model(st)))
 
   def _context(self):
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
+    return self.lm.context()
 
   def train_step(self):
     with self._context():

@@ -27,6 +27,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using F32 = ffi::Buffer<ffi::F32>;
+using F32Result = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
 
@@ -327,8 +329,7 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
   });
 }
 
-ffi::Error ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
-                   Shape* s) {
+ffi::Error ShapeOf(F32& q, F32& k, Shape* s) {
   auto dq = q.dimensions(), dk = k.dimensions();
   if (dq.size() != 4 || dk.size() != 4)
     return ffi::Error::InvalidArgument("q, k must be [B, T, heads, D]");
@@ -340,11 +341,8 @@ ffi::Error ShapeOf(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v,
-                       ffi::ResultBuffer<ffi::F32> out,
-                       ffi::ResultBuffer<ffi::F32> lse, bool causal,
-                       int64_t valid, float scale) {
+ffi::Error ForwardImpl(F32 q, F32 k, F32 v, F32Result out, F32Result lse,
+                       bool causal, int64_t valid, float scale) {
   Shape s;
   if (ffi::Error e = ShapeOf(q, k, &s); e.failure()) return e;
   Forward(s, q.typed_data(), k.typed_data(), v.typed_data(),
@@ -352,12 +350,8 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> out,
-                        ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                        ffi::ResultBuffer<ffi::F32> dq,
-                        ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv, bool causal,
+ffi::Error BackwardImpl(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout,
+                        F32Result dq, F32Result dk, F32Result dv, bool causal,
                         int64_t valid, float scale) {
   Shape s;
   if (ffi::Error e = ShapeOf(q, k, &s); e.failure()) return e;
@@ -369,8 +363,6 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 }
 
 }  // namespace
-
-using F32 = ffi::Buffer<ffi::F32>;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, ForwardImpl,
                               ffi::Ffi::Bind()

@@ -7,8 +7,9 @@ length x window instead of length squared. A band mask inside the blocks
 gives exactly the window below, equal to dense attention under that mask.
 The blocks run a few at a time (`jax.lax.map` in batches of about 512
 positions), so the working set is the same at any length and time stays
-linear past the CPU's caches (all blocks at once ran 2048 -> 8192 with
-exponent 1.11, in batches 0.94; `experiments/attention_cost.py`).
+linear past the CPU's caches (2048 -> 8192, `python -m
+experiments.attention_cost`: all blocks at once 1.11-1.22, in batches
+0.94-1.16 across runs on a shared machine).
 
 Shapes: B batch, T length, H heads, G kv heads, R = H // G queries per kv
 head, K head dim, N blocks of C positions, L = 2C (causal) or 3C keys per

@@ -1,0 +1,65 @@
+"""The trainer's LM step on one random byte batch, as the throughput
+benchmarks (step_throughput, model_throughput) build it: the LM of
+`config.model` over a 256-byte vocabulary, the trainer's shardings and
+optimizer, and its train step (`train._make_train_step`) under the config's
+mesh and logical rules."""
+
+import contextlib
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zoo import registry, sharding, train
+
+VOCAB = 256
+
+
+@dataclasses.dataclass
+class LmStep:
+  setup: train.Setup
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  batch: dict  # inputs, targets [B, T] int32 and weights [B, T]
+
+  def context(self) -> contextlib.ExitStack:
+    """The mesh and logical rules that compiling and running need."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def compile_step(self, donate: bool):
+    """The compiled train step (state, batch) -> (state, metrics); with
+    `donate` the state passed in is consumed. Call inside `context()`."""
+    s = self.setup
+    return jax.jit(train._make_train_step(s.graphdef),  # noqa: SLF001
+                   donate_argnums=0 if donate else (),
+                   out_shardings=(s.state_shardings, None)
+                   ).lower(s.abstract_state, self.batch).compile()
+
+  def init_state(self):
+    """A fresh sharded train state. Call inside `context()`."""
+    s = self.setup
+    return jax.jit(lambda: nnx.state(s.create()),
+                   out_shardings=s.state_shardings)()
+
+
+def build(config) -> LmStep:
+  m = config.model
+  t, b = config.data.seq_len, config.batch_size
+  model_cls = registry.get("model", "lm")
+  plan = train.Plan(task=None, model_fn=lambda: model_cls(
+      vocab_size=VOCAB, seq_len=t, attention=m.attention,
+      position=m.position, num_layers=m.num_layers, embed_dim=m.embed_dim,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+      mlp_dim=m.mlp_dim, rngs=nnx.Rngs(0)))
+  mesh = sharding.make_mesh(dict(config.mesh))
+  rules = sharding.parse_rules(config.mesh.rules)
+  s = train.setup(plan, mesh, rules, train.make_optimizer(config)[0])
+  tokens_BxT = jax.random.randint(jax.random.key(0), (b, t + 1), 0, VOCAB)
+  batch = {"inputs": tokens_BxT[:, :-1], "targets": tokens_BxT[:, 1:],
+           "weights": jnp.ones((b, t), jnp.float32)}
+  return LmStep(s, mesh, rules, batch)
