@@ -2,8 +2,8 @@
 
 For each op: forward and forward+backward wall time (median and minimum of
 --repeats runs after a warm-up) and peak memory (XLA's buffer assignment for
-the compiled program: arguments + outputs + temporaries), batch 1, 4 heads,
-head_dim 64, causal. Fits the growth exponent (log-log slope of the minimum
+the compiled program: arguments + outputs + temporaries), batch --batch
+(default 1), 4 heads, head_dim 64, causal. Fits the growth exponent (log-log slope of the minimum
 fwd+bwd time) over --fit_lengths; for pattern ops (local, sparse, BigBird)
 also against the visited (query, key) pairs, T x keys per query, which is
 the fair measure where a pattern's budget grows with T by definition
@@ -29,18 +29,20 @@ DENSE = ("standard", "xla")
 PATTERNS = ("local", "sparse", "bigbird")
 
 
-def _inputs(t, dtype=jnp.float32):
+def _inputs(t, batch, dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(0), 3)
-  return [jax.random.normal(k, (1, t, HEADS, HEAD_DIM), dtype) for k in keys]
+  return [jax.random.normal(k, (batch, t, HEADS, HEAD_DIM), dtype)
+          for k in keys]
 
 
-def measure(spec: str, t: int, repeats: int, limit: float):
+def measure(spec: str, t: int, repeats: int, limit: float, batch: int = 1):
   op = registry.build("attention", spec)
   forward = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
-  cotangent = jax.random.normal(jax.random.key(1), (1, t, HEADS, HEAD_DIM))
+  cotangent = jax.random.normal(jax.random.key(1),
+                                (batch, t, HEADS, HEAD_DIM))
   both = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
       op(q, k, v, causal=True), cotangent), argnums=(0, 1, 2)))
-  args = _inputs(t)
+  args = _inputs(t, batch)
   row = {"op": spec, "length": t}
   for name, fn in (("forward", forward), ("forward_backward", both)):
     compiled = fn.lower(*args).compile()
@@ -56,12 +58,12 @@ def measure(spec: str, t: int, repeats: int, limit: float):
   return row
 
 
-def measure_torch(t: int, repeats: int):
+def measure_torch(t: int, repeats: int, batch: int = 1):
   import torch  # optional, only with --torch
   import torch.nn.functional as F
-  q, k, v = (torch.randn(1, HEADS, t, HEAD_DIM, requires_grad=True)
+  q, k, v = (torch.randn(batch, HEADS, t, HEAD_DIM, requires_grad=True)
              for _ in range(3))
-  grad = torch.randn(1, HEADS, t, HEAD_DIM)
+  grad = torch.randn(batch, HEADS, t, HEAD_DIM)
 
   def run():
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -102,11 +104,11 @@ def main(argv):
     for t in lengths:
       if registry.parse(spec)[0] in DENSE and t > f.dense_max_len:
         continue
-      rows.append(measure(spec, t, f.repeats, f.memory_limit_gib))
+      rows.append(measure(spec, t, f.repeats, f.memory_limit_gib, f.batch))
       print(rows[-1], flush=True)
   if f.torch:
     for t in lengths:
-      rows.append(measure_torch(t, f.repeats))
+      rows.append(measure_torch(t, f.repeats, f.batch))
       print(rows[-1], flush=True)
   lo, hi = (int(t) for t in f.fit_lengths)
   summary = []
@@ -144,7 +146,8 @@ def _write(rows, summary, lengths, lo, hi):
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
   fig.suptitle(f"attention cost on {jax.devices()[0].device_kind} "
-               f"(batch 1, {HEADS} heads, head_dim {HEAD_DIM}, causal)")
+               f"(batch {flags.FLAGS.batch}, {HEADS} heads, head_dim "
+               f"{HEAD_DIM}, causal)")
   fig.tight_layout()
   fig.savefig(f"{folder}/cost.png", dpi=110)
   header = ["op", "time exponent", "exponent vs pairs",
@@ -162,7 +165,8 @@ def _write(rows, summary, lengths, lo, hi):
         (r["forward_backward_bytes"] / 2**20
          if r.get("forward_backward_bytes") else "-")] for r in rows])
   body = (f"Device: {jax.devices()[0].device_kind}, jax {jax.__version__}. "
-          f"Times are the minimum of {flags.FLAGS.repeats} runs after a "
+          f"Batch {flags.FLAGS.batch}, {HEADS} heads, head_dim {HEAD_DIM}, "
+          f"causal. Times are the minimum of {flags.FLAGS.repeats} runs after a "
           "warm-up "
           f"(medians in the full table). Exponents are log-log slopes over "
           f"lengths {lo}..{hi}: of time against length, and for pattern ops "
@@ -198,6 +202,7 @@ def _define_flags():
   flags.DEFINE_list("ops", [], "Attention specs (default: every registered "
                     "op with default arguments).")
   flags.DEFINE_integer("repeats", 5, "Timed runs per point.")
+  flags.DEFINE_integer("batch", 1, "Batch size of every point.")
   flags.DEFINE_list("fit_lengths", ["2048", "8192"], "Shortest and longest "
                     "length of the exponent fits.")
   flags.DEFINE_integer("dense_max_len", 8192, "Longest length for ops that "
