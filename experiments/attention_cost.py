@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import report, timing
-from zoo import registry
+from zoo import host_memory, registry
 
 HEADS, HEAD_DIM = 4, 64
 DENSE = ("standard", "xla")
@@ -76,11 +76,13 @@ def measure_torch(t: int, repeats: int, batch: int = 1):
 
 
 def default_specs() -> list[str]:
-  """Every registered op at its defaults, FAVOR+ beside elu linear and
-  blockwise's XLA form beside its default (the fused kernel on CPU); not
-  splash, which off TPU/GPU runs its pattern's op."""
+  """Every registered op at its defaults, FAVOR+ beside elu linear, and the
+  XLA forms of blockwise and linear beside their defaults (the fused
+  kernels on CPU); not splash, which off TPU/GPU runs its pattern's op."""
   specs = [n for n in registry.names("attention") if n != "splash"]
-  return specs + ["linear(feature='favor')", "blockwise(implementation='xla')"]
+  return specs + ["linear(feature='favor')", "blockwise(implementation='xla')",
+                  "linear(implementation='xla')",
+                  "linear(feature='favor', implementation='xla')"]
 
 
 def exponent(rows, key, lo, hi, against="length"):
@@ -96,6 +98,7 @@ def exponent(rows, key, lo, hi, against="length"):
 
 def main(argv):
   del argv
+  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
   f = flags.FLAGS
   specs = f.ops or default_specs()
   lengths = [int(t) for t in f.lengths]
@@ -173,8 +176,9 @@ def _write(rows, summary, lengths, lo, hi):
           "of time against visited pairs (length x keys per query); '-' = "
           "not run (dense ops past --dense_max_len, or over the memory "
           "limit). Peak bytes are XLA's buffer assignment: the fused CPU "
-          "kernel's own scratch (blockwise on CPU, about 8 x length x "
-          "head_dim floats per thread in the backward) is not in it."
+          "kernels' own scratch (blockwise: about 8 x length x head_dim "
+          "floats per thread in the backward; linear: a few 64-row chunks "
+          "per thread) is not in it."
           f"\n\n{table}\n\n![cost](cost.png)\n\n")
   torch = {r["length"]: r["forward_backward_min_s"] for r in rows
            if r["op"] == "torch_sdpa"}

@@ -26,6 +26,7 @@ from flax import nnx
 
 from configs import text
 from experiments import lm_step, report, timing
+from zoo import host_memory
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -103,6 +104,7 @@ def longest_fitting(rows, spec: str):
 
 def main(argv):
   del argv
+  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
   f = flags.FLAGS
   quick = f.quick
   specs = ["standard", "blockwise", "local"] if quick else f.specs

@@ -16,7 +16,9 @@ torch.optim.AdamW at the trainer's rate and weight decay, on every core
 (torch.set_num_threads). Each time is the median of --repeats runs after
 --warmup; ratios are of the same run. Also reported: the train step's
 compile time (first lower + compile, no persistent cache), and forward and
-forward+backward alone.
+forward+backward alone, and page faults per train step: like the trainer,
+the benchmark keeps freed host memory for reuse (zoo/host_memory.py), so a
+warm step should fault in no new pages.
 
 --profile adds where one train step's time goes (of the first --attention):
 for zoo, jax's profiler trace of XLA:CPU's thunks, each attributed by its
@@ -31,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -42,6 +45,7 @@ from flax import nnx
 
 from configs import text
 from experiments import lm_step, report
+from zoo import host_memory
 
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
@@ -58,6 +62,14 @@ def make_config(quick: bool, attention: str = "standard"):
   config.data.seq_len, config.batch_size = length, batch
   config.mesh.data = 1
   return config
+
+
+def _page_faults(fn, calls: int = 3) -> float:
+  """Minor page faults of the process per call of fn (warm)."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    fn()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def _median(fn, warmup: int, repeats: int) -> float:
@@ -266,6 +278,7 @@ def torch_model(config):
 
 def main(argv):
   del argv
+  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
   f = flags.FLAGS
   quick = f.quick
   repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)
@@ -286,14 +299,16 @@ def main(argv):
     rows.append({"framework": name, "train_step_s": step_s,
                  "tokens_per_s": tokens / step_s,
                  "forward_s": _median(forward, warmup, repeats),
-                 "forward_backward_s": _median(backward, warmup, repeats)})
+                 "forward_backward_s": _median(backward, warmup, repeats),
+                 "page_faults_per_step": _page_faults(step)})
   for row, model in zip(rows, zoo_models.values()):
     row["compile_s"] = model.compile_s
   table = report.markdown_table(
       ["framework", "train tokens/s", "train step s", "forward s",
-       "forward+backward s", "compile s"],
+       "forward+backward s", "compile s", "page faults per step"],
       [[r["framework"], r["tokens_per_s"], r["train_step_s"], r["forward_s"],
-        r["forward_backward_s"], r.get("compile_s", "-")] for r in rows])
+        r["forward_backward_s"], r.get("compile_s", "-"),
+        r["page_faults_per_step"]] for r in rows])
   layers, width, heads, mlp, length, batch = SHAPES[quick]
   parts = [
       f"Device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "

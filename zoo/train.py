@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoo import checkpoint, registry, sharding, supervise
+from zoo import checkpoint, host_memory, registry, sharding, supervise
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
 
@@ -430,6 +430,9 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
   del argv
+  # Before jax starts its CPU backend (see zoo/host_memory.py).
+  if note := host_memory.retain():
+    logging.info("%s", note)
   logging.get_absl_handler().addFilter(_quiet_orbax)
   f = flags.FLAGS
   if f.config is None or not f.workdir:

@@ -1,7 +1,8 @@
-"""The fused CPU kernel (zoo/attention/fused_cpu.py) against a float64 numpy
-reference: values and gradients over lengths and head dims that need
-padding to 16, several kernel blocks, grouped queries, both directions; and
-how the library is built and cached."""
+"""The fused CPU kernels (zoo/attention/fused_cpu.py) against float64 numpy
+references: softmax attention and causal linear attention, values and
+gradients over lengths and dims that need padding to 16, several kernel
+blocks or chunks, grouped queries; and how the library is built and
+cached."""
 
 import os
 import subprocess
@@ -64,6 +65,53 @@ def test_vmap_runs_each_slice():
   for i in range(3):
     np.testing.assert_allclose(
         got[i], reference(q[i], k[i], v[i], q[i], True)[0], atol=2e-5)
+
+
+def linear_reference(phi_q, phi_k, shift, v, d_num, d_den):
+  """Causal weighted linear attention (num, den) and its gradients in
+  float64 numpy, written out: a_ts = exp(shift_s - M_t) phi_q_t . phi_k_s
+  for s <= t, M_t the running maximum of the shifts."""
+  phi_q, phi_k, shift, v = (np.asarray(x, np.float64)
+                            for x in (phi_q, phi_k, shift, v))
+  b, t, h, _ = phi_q.shape
+  g = phi_k.shape[2]
+  phi_k_h, v_h, shift_h = (np.repeat(x, h // g, axis=2)
+                           for x in (phi_k, v, shift))
+  top = np.maximum.accumulate(shift_h, axis=1)
+  w = np.exp(shift_h[:, None] - top[:, :, None])  # b t s h
+  w *= np.tril(np.ones((t, t)))[None, :, :, None]
+  a = np.einsum("bthf,bshf->btsh", phi_q, phi_k_h) * w
+  num, den = np.einsum("btsh,bshk->bthk", a, v_h), a.sum(2)
+  da = (np.einsum("bthk,bshk->btsh", d_num, v_h) + d_den[:, :, None]) * w
+  d_phi_q = np.einsum("btsh,bshf->bthf", da, phi_k_h)
+  d_phi_k = np.einsum("btsh,bthf->bshf", da, phi_q)
+  d_v = np.einsum("btsh,bthk->bshk", a, d_num)
+  fold = lambda x: x.reshape(b, t, g, h // g, -1).sum(3)
+  return num, den, d_phi_q, fold(d_phi_k), fold(d_v)
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+@pytest.mark.parametrize("b,t,h,g,f,k", [(2, 13, 4, 2, 24, 20),
+                                         (1, 300, 2, 1, 64, 64),
+                                         (2, 130, 4, 4, 16, 8)])
+def test_causal_linear_matches_numpy(b, t, h, g, f, k, shifted):
+  # 300 and 130 positions span several 64-key chunks, the last one partial.
+  rng = np.random.default_rng(t + f)
+  phi_q = rng.uniform(0, 1, (b, t, h, f)).astype(np.float32)
+  phi_k = rng.uniform(0, 1, (b, t, g, f)).astype(np.float32)
+  shift = (3 * rng.standard_normal((b, t, g)) * shifted).astype(np.float32)
+  v = rng.standard_normal((b, t, g, k)).astype(np.float32)
+  d_num = rng.standard_normal((b, t, h, k)).astype(np.float32)
+  d_den = rng.standard_normal((b, t, h)).astype(np.float32)
+  (num, den), vjp = jax.vjp(jax.jit(
+      lambda q, kk, vv: fused_cpu.causal_linear(q, kk, shift, vv)),
+                            phi_q, phi_k, v)
+  got = (num, den, *vjp((d_num, d_den)))
+  names = ("num", "den", "d_phi_q", "d_phi_k", "d_v")
+  for name, x, want in zip(names, got, linear_reference(
+      phi_q, phi_k, shift, v, d_num, d_den)):
+    np.testing.assert_allclose(x, want, atol=2e-5 * np.abs(want).max(),
+                               rtol=1e-4, err_msg=name)
 
 
 def test_library_is_cached_by_key(tmp_path, monkeypatch):

@@ -307,8 +307,8 @@ def _worker_sharded():
   the kernels (batch over data+fsdp, heads over tensor) equal the unsharded
   call, values and gradients: splash with GQA (kv heads split), BigBird's
   per-head masks and a padding mask; splash with MQA (kv heads repeated);
-  flash with 48 positions (padding segment ids sharded); blockwise's fused
-  CPU kernel with GQA and MQA (where it builds). Returns the worst
+  flash with 48 positions (padding segment ids sharded); the fused CPU
+  kernels of blockwise and linear with GQA and MQA (where they build). Returns the worst
   error relative to each result's largest entry."""
   import flax.linen as nn
   from zoo import sharding
@@ -319,7 +319,10 @@ def _worker_sharded():
            (2, 48, "splash(implementation='flash', interpret=True)", False)]
   if fused_cpu.unavailable() is None:
     cases += [(2, 40, "blockwise(implementation='fused')", False),
-              (1, 40, "blockwise(implementation='fused')", False)]
+              (1, 40, "blockwise(implementation='fused')", False),
+              (2, 40, "linear(feature='favor', num_features=32, "
+                      "implementation='fused')", False),
+              (1, 40, "linear(implementation='fused')", False)]
   for g, t, spec, padded in cases:
     rng = np.random.default_rng(g)
     q = rng.standard_normal((4, t, H, D), np.float32)

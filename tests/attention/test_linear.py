@@ -1,16 +1,25 @@
-"""Linear attention against its quadratic form computed here in numpy, and
-the recurrent step against the chunked causal op."""
+"""Linear attention against its quadratic form computed here in numpy (and
+in jnp, for gradients), in both causal forms (the chunked XLA form and the
+fused CPU kernel), and the recurrent step against the causal op; which calls
+run the kernel."""
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import logging
 
 from zoo import registry
+from zoo.attention import fused_cpu, kernels
 
 B, T, H, G, D = 2, 13, 4, 2, 8
+# The causal forms: 'xla' and, where the kernel builds, 'fused'.
+FORMS = ["xla"] + (["fused"] if fused_cpu.unavailable() is None else [])
+needs_kernel = pytest.mark.skipif(fused_cpu.unavailable() is not None,
+                                  reason=str(fused_cpu.unavailable()))
 
 
 def random_qkv(seed, t=T, s=T, g=G, dtype=jnp.float32):
@@ -115,13 +124,71 @@ def test_favor_matches_float64_estimator(causal):
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_causal_forms_match_float64(form, feature):
+  """Causal self-attention without a mask, over 150 positions: several of
+  the kernel's 64-key chunks, the last one partial."""
+  op = registry.build("attention", f"linear(feature='{feature}', "
+                      f"num_features=16, chunk=32, implementation='{form}')")
+  q, k, v = (x.repeat(12, axis=1)[:, :150] * (1 + jnp.arange(150) / 150
+                                             )[None, :, None, None]
+             for x in random_qkv(12))
+  out = call(op, q, k, v, causal=True)
+  allowed = allowed_mask(150, 150, True)
+  if feature == "elu":
+    ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
+                          allowed)
+  else:
+    ref = numpy_favor(op, q, k, v, allowed)
+  np.testing.assert_allclose(out, ref, atol=2e-5)
+
+
+def jnp_quadratic(op, q, k, v):
+  """The causal op's output as a masked quadratic form in jnp, with the
+  features written out (for gradients): elu + 1, or FAVOR+'s exp(w x -
+  |x|^2 / 2) plus the op's eps scaled by the key's largest feature."""
+  r = q.shape[2] // k.shape[2]
+  k_h, v_h = (jnp.repeat(x, r, axis=2) for x in (k, v))
+  if op.feature == "elu":
+    phi_q, phi_k = jax.nn.elu(q) + 1, jax.nn.elu(k_h) + 1
+  else:
+    w = jnp.repeat(op.projection(q.shape[-1], k.shape[2]), r, axis=0)
+    logits = lambda x: (jnp.einsum("bthk,hfk->bthf", x * D**-0.25, w)
+                        - jnp.sum((x * D**-0.25)**2, -1, keepdims=True) / 2)
+    phi_q = jnp.exp(logits(q))
+    top = jax.lax.stop_gradient(jnp.exp(logits(k_h).max(-1, keepdims=True)))
+    phi_k = jnp.exp(logits(k_h)) + EPS * top
+  a = jnp.einsum("bthf,bshf->bhts", phi_q, phi_k) * jnp.tril(
+      jnp.ones((T, T)))
+  return jnp.einsum("bhts,bshk->bthk", a, v_h) / a.sum(-1).transpose(
+      0, 2, 1)[..., None]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("feature", ["elu", "favor"])
+def test_causal_gradients_match_the_quadratic_form(form, feature):
+  op = registry.build("attention", f"linear(feature='{feature}', "
+                      f"num_features=16, chunk=4, implementation='{form}')")
+  q, k, v = random_qkv(13)
+  cotangent = jax.random.normal(jax.random.key(14), q.shape)
+  grads = lambda f: jax.grad(lambda q, k, v: jnp.vdot(f(q, k, v), cotangent),
+                             argnums=(0, 1, 2))(q, k, v)
+  got = grads(jax.jit(lambda q, k, v: op(q, k, v, causal=True)))
+  want = grads(functools.partial(jnp_quadratic, op))
+  for name, x, y in zip("qkv", got, want):
+    np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_favor_is_stable_for_large_key_norms(d):
+def test_favor_is_stable_for_large_key_norms(d, form):
   """Keys of norm up to 100 (some aligned with a projection row, where the
-  unstabilised float32 feature is exp(88+) = inf): parallel, chunked causal
-  and recurrent forms stay finite and match the float64 estimator."""
+  unstabilised float32 feature is exp(88+) = inf): parallel, causal (chunked
+  XLA or kernel) and recurrent forms stay finite and match the float64
+  estimator."""
   op = registry.build("attention", "linear(feature='favor', num_features=64, "
-                      "chunk=4)")
+                      f"chunk=4, implementation='{form}')")
   rng = np.random.default_rng(d)
   t, g = 9, 1
   q = rng.standard_normal((1, t, 2, d)).astype(np.float32)
@@ -133,7 +200,8 @@ def test_favor_is_stable_for_large_key_norms(d):
   k = k.astype(np.float32)
   v = rng.standard_normal((1, t, g, d)).astype(np.float32)
   for causal in (False, True):
-    out = np.asarray(call(op, q, k, v, causal=causal))
+    out = np.asarray(call(op if causal else dataclasses.replace(
+        op, implementation=None), q, k, v, causal=causal))
     assert np.isfinite(out).all()
     ref = numpy_favor(op, q, k, v, allowed_mask(t, t, causal)[:1])
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
@@ -203,12 +271,14 @@ def test_causal_unequal_lengths_are_end_aligned(t, s):
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("spec", ["linear(chunk=4)",
-                                  "linear(feature='favor', chunk=5)"])
-def test_recurrent_steps_equal_causal_op(spec):
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("spec", ["linear(chunk=4, implementation={})",
+                                  "linear(feature='favor', chunk=5, "
+                                  "implementation={})"])
+def test_recurrent_steps_equal_causal_op(spec, form):
   """A transformer is an RNN: token-by-token steps over a state of size
   kv_heads x F x K give the causal op's outputs."""
-  op = registry.build("attention", spec)
+  op = registry.build("attention", spec.format(repr(form)))
   q, k, v = random_qkv(3)
   state = op.init_state(B, G, D)
 
@@ -256,9 +326,12 @@ def test_prefill_state_equals_steps():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["linear(chunk=4)",
-                                  "linear(feature='favor', chunk=4)"])
-def test_causal_outputs_ignore_later_keys(spec):
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("spec", ["linear(chunk=4, implementation={})",
+                                  "linear(feature='favor', chunk=4, "
+                                  "implementation={})"])
+def test_causal_outputs_ignore_later_keys(spec, form):
+  spec = spec.format(repr(form))
   q, k, v = random_qkv(5)
   noise = jax.random.normal(jax.random.key(6), k.shape)
   later = (jnp.arange(T) > 5)[None, :, None, None]
@@ -268,19 +341,22 @@ def test_causal_outputs_ignore_later_keys(spec):
   np.testing.assert_array_equal(out[:, :6], moved[:, :6])
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("g", [4, 1])
-def test_grouped_query_attention(g):
+def test_grouped_query_attention(g, form):
   q, k, v = random_qkv(7, g=g)
-  out = call("linear(chunk=4)", q, k, v, causal=True)
+  out = call(f"linear(chunk=4, implementation='{form}')", q, k, v,
+             causal=True)
   ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
                         allowed_mask(T, T, True))
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
-def test_bf16_inputs_give_bf16_close_to_fp32():
+@pytest.mark.parametrize("form", FORMS)
+def test_bf16_inputs_give_bf16_close_to_fp32(form):
   q, k, v = random_qkv(8)
-  out = call("linear(chunk=4)", *(a.astype(jnp.bfloat16) for a in (q, k, v)),
-             causal=True)
+  out = call(f"linear(chunk=4, implementation='{form}')",
+             *(a.astype(jnp.bfloat16) for a in (q, k, v)), causal=True)
   assert out.dtype == jnp.bfloat16
   ref = numpy_quadratic(numpy_elu_features(q), numpy_elu_features(k), v,
                         allowed_mask(T, T, True))
@@ -300,7 +376,49 @@ def test_bias_is_refused():
     ("linear(chunk=0)", "chunk"),
     ("linear(seed=-1)", "seed"),
     ("linear(redraw_every=-1)", "redraw_every"),
+    ("linear(implementation='triton')", "implementation"),
 ])
 def test_bad_arguments_are_refused(spec, arg):
   with pytest.raises(ValueError, match=rf"\({arg}="):
     registry.build("attention", spec)
+
+
+def _lowered(spec, t=T, s=T, causal=True, **kwargs):
+  q, k, v = random_qkv(15, t=t, s=s)
+  op = registry.build("attention", spec)
+  return jax.jit(lambda q, k, v: op(q, k, v, causal=causal, **kwargs)).lower(
+      q, k, v).as_text()
+
+
+@needs_kernel
+def test_default_runs_the_kernel_only_where_it_applies():
+  for spec in ("linear", "linear(feature='favor')"):
+    assert "zoo_linear_forward" in _lowered(spec)
+    for kwargs in ({"mask": jnp.asarray(key_mask())}, {"causal": False},
+                   {"t": 5}):
+      assert "zoo_linear_forward" not in _lowered(spec, **kwargs)
+  assert "zoo_linear_forward" not in _lowered("linear(implementation='xla')")
+
+
+def test_fused_refuses_calls_it_cannot_take():
+  q, k, v = random_qkv(16)
+  op = registry.build("attention", "linear(implementation='fused')")
+  with pytest.raises(ValueError, match="implementation='fused'.*padding mask"):
+    op(q, k, v, causal=True, mask=jnp.ones((B, T), bool))
+  with pytest.raises(ValueError, match="runs causal .*causal=False"):
+    op(q, k, v)
+  with pytest.raises(ValueError, match="q_len != kv_len"):
+    op(q[:, :5], k, v, causal=True)
+
+
+def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch):
+  reason = "the fused CPU attention kernel could not be built: no compiler"
+  monkeypatch.setattr(fused_cpu, "unavailable", lambda: reason)
+  monkeypatch.setattr(kernels, "_WARNED", set())
+  warnings = []
+  monkeypatch.setattr(logging, "warning", warnings.append)
+  assert "zoo_linear_forward" not in _lowered("linear")
+  assert warnings == [f"attention linear: {reason}; running the XLA form"]
+  with pytest.raises(ValueError, match="no compiler"):
+    registry.build("attention", "linear(implementation='fused')")(
+        *random_qkv(17), causal=True)

@@ -30,9 +30,6 @@ from zoo import registry
 from zoo.attention import fused_cpu, kernels
 from zoo.attention.base import AttentionOp, group_queries
 
-IMPLEMENTATIONS = (None, "xla", "fused")
-
-
 @registry.register("attention", "blockwise")
 @dataclasses.dataclass(frozen=True)
 class Blockwise(AttentionOp):
@@ -53,11 +50,7 @@ class Blockwise(AttentionOp):
       if getattr(self, name) < 1:
         raise ValueError(f"attention blockwise({name}=...) must be >= 1; "
                          f"got {getattr(self, name)}")
-    if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(
-          f"attention blockwise(implementation=...) must be one of "
-          f"{', '.join(map(repr, IMPLEMENTATIONS))}; "
-          f"got {self.implementation!r}")
+    fused_cpu.check_implementation("blockwise", self.implementation)
 
   def attend(self, q, k, v, *, causal, mask, bias):
     if self._fused(q, k, mask, bias):
@@ -95,30 +88,13 @@ class Blockwise(AttentionOp):
     return out_BxTxHxK.astype(q.dtype)
 
   def _fused(self, q, k, mask, bias) -> bool:
-    """Whether this call runs the fused kernel; refuses (before any compute)
-    an explicit 'fused' the call cannot take."""
-    if self.implementation == "xla":
-      return False
-    backend = jax.default_backend()
-    why = ((mask is not None and "a padding mask")
-           or (bias is not None and "an additive bias")
-           or (q.shape[1] != k.shape[1] and "q_len != kv_len")
-           or (backend != "cpu" and f"the {backend} backend"))
-    if why and self.implementation == "fused":
-      raise ValueError(
-          f"attention blockwise(implementation='fused') runs CPU "
-          f"self-attention without a padding mask or bias; this call has "
-          f"{why} (use implementation=None or 'xla')")
-    if why:
-      return False
-    reason = fused_cpu.unavailable()
-    if reason and self.implementation == "fused":
-      raise ValueError(f"attention blockwise(implementation='fused'): "
-                       f"{reason}")
-    if reason:
-      kernels.warn_once(f"attention blockwise: {reason}; running the XLA "
-                        "form")
-    return not reason
+    """Whether this call runs the fused kernel (`fused_cpu.use`)."""
+    return fused_cpu.use(
+        "blockwise", self.implementation,
+        "CPU self-attention without a padding mask or bias",
+        (mask is not None and "a padding mask")
+        or (bias is not None and "an additive bias")
+        or (q.shape[1] != k.shape[1] and "q_len != kv_len"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,12 @@
-// Fused softmax attention for CPUs: the FlashAttention-2 algorithm with each
-// block's scores kept in cache between its two matmuls, as XLA FFI handlers.
+// Fused attention for CPUs, as XLA FFI handlers: softmax attention (the
+// FlashAttention-2 algorithm with each block's scores kept in cache between
+// its two matmuls) and causal linear attention (chunked, further below).
 //
 // Built on first use by zoo/attention/fused_cpu.py with the machine's C++
 // compiler (-O3 -march=native); GCC/Clang vector extensions, no intrinsics,
 // so it compiles for any x86 or Arm CPU.
 //
-// Layouts (row-major float32): q, out, dq [B, T, H, D]; k, v, dk, dv
+// Softmax layouts (row-major float32): q, out, dq [B, T, H, D]; k, v, dk, dv
 // [B, T, G, D] with H a multiple of G (query head h reads kv head h / (H/G));
 // lse [B, H, T]. T and D are multiples of 16 (the caller pads). Query t sees
 // key s when s <= t (causal) or s < valid (not causal).
@@ -329,6 +330,230 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
   });
 }
 
+// Causal linear attention (zoo/attention/linear.py), per (batch, kv head):
+// y_t = sum_{s <= t} exp(shift_s - M_t) (phi_q_t . phi_k_s) v_s with
+// M_t = max_{s <= t} shift_s, the running maximum that keeps FAVOR+'s key
+// weights at most 1 (all zero for elu features). Keys run in chunks of LC:
+// inside a chunk the masked quadratic form, across chunks the state
+// S = sum phi_k v^T of the earlier chunks, scaled to their largest shift.
+// The backward pass recomputes the states forward (for d phi_q), then runs
+// the chunks in reverse carrying dS = sum phi_q dy^T of the later queries
+// (for d phi_k and dv). Each chunk's scores stay in cache, so time and
+// memory are linear in T.
+//
+// Layouts (row-major float32): phi_q, d phi_q [B, T, H, F]; phi_k, d phi_k
+// [B, T, G, F]; shift [B, T, G]; v, dv [B, T, G, V]; y, dy [B, T, H, V].
+// T, F and V are multiples of 16 (the caller pads).
+constexpr int LC = 64;  // keys per chunk
+
+struct LinearShape {
+  int B, T, H, G, F, V;
+};
+
+// One (batch, kv head)'s view of the inputs, and the chunk-level scratch.
+struct LinearUnit {
+  const LinearShape& s;
+  int b, g;
+  std::vector<float> shift, top, w, qc, kc, kt, vc, vt, dyc, p, scratch;
+
+  LinearUnit(const LinearShape& s, int b, int g, const float* shifts)
+      : s(s), b(b), g(g), shift(s.T), top(s.T), w(LC * LC),
+        qc(LC * s.F), kc(LC * s.F), kt(s.F * LC), vc(LC * s.V),
+        vt(s.V * LC), dyc(LC * s.V), p(LC * LC),
+        scratch(LC * std::max(s.F, s.V)) {
+    float m = NEG;
+    for (int t = 0; t < s.T; ++t) {
+      shift[t] = shifts[(int64_t(b) * s.T + t) * s.G + g];
+      top[t] = m = std::max(m, shift[t]);
+    }
+  }
+  // Offsets of row t: query head h in [B, T, H, D], kv head g in
+  // [B, T, G, D].
+  int64_t QRow(int t, int h, int D) const {
+    return ((int64_t(b) * s.T + t) * s.H + h) * D;
+  }
+  int64_t KRow(int t, int D) const {
+    return ((int64_t(b) * s.T + t) * s.G + g) * D;
+  }
+  // The maximum shift before row i0 (-inf at the start).
+  float Before(int i0) const { return i0 ? top[i0 - 1] : NEG; }
+  // W [n x n] (ld LC): exp(shift_j - M_i) for keys j <= i of the chunk at
+  // i0, 0 above the diagonal.
+  void Weights(int i0, int n) {
+    for (int i = 0; i < n; ++i) {
+      const v16 mi = splat(top[i0 + i]);
+      for (int j = 0; j < n; j += W) {
+        v16 e = vexp(load(shift.data() + i0 + j) - mi);
+        for (int x = 0; x < W; ++x)
+          if (j + x > i) e[x] = 0.0f;
+        store(w.data() + i * LC + j, e);
+      }
+    }
+  }
+  // The chunk's keys and values: kc [n x F], kt [F x LC], vc [n x V],
+  // vt [V x LC].
+  void Keys(const float* phi_k, const float* v, int i0, int n) {
+    const int64_t ldk = int64_t(s.G) * s.F, ldv = int64_t(s.G) * s.V;
+    Compact(n, s.F, phi_k + KRow(i0, s.F), ldk, kc.data());
+    Panels(n, s.F, LC, phi_k + KRow(i0, s.F), ldk, kt.data(), 1.0f);
+    Compact(n, s.V, v + KRow(i0, s.V), ldv, vc.data());
+    Panels(n, s.V, LC, v + KRow(i0, s.V), ldv, vt.data(), 1.0f);
+  }
+  // P [n x n] = (qc kt) o W: the chunk's weighted causal scores.
+  void Scores(int n) {
+    Gemm(n, n, s.F, qc.data(), s.F, kt.data(), LC, p.data(), LC, false);
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) p[i * LC + j] *= w[i * LC + j];
+  }
+};
+
+// dst [rows x cols] (ld LC) = src [rows x cols] (ld LC) with column j
+// scaled by exp(x_j - ref) (x_j <= ref).
+void ScaleColumns(int rows, int cols, const float* src, const float* x,
+                  float ref, float* dst) {
+  float scale[LC];
+  for (int j = 0; j < cols; j += W) store(scale + j, vexp(load(x + j) - ref));
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < cols; ++j) dst[r * LC + j] = src[r * LC + j] * scale[j];
+}
+
+// dst [cols x rows] = src^T, src [rows x cols] with rows lds apart.
+void Transpose(int rows, int cols, const float* src, int64_t lds,
+               float* dst, int64_t ldd) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+void LinearForward(const LinearShape& s, const float* phi_q,
+                   const float* phi_k, const float* shifts, const float* v,
+                   float* y) {
+  const int R = s.H / s.G, F = s.F, V = s.V;
+  const int64_t ldq = int64_t(s.H) * F, ldy = int64_t(s.H) * V;
+  Parallel(s.B * s.G, [&](int bg) {
+    LinearUnit u(s, bg / s.G, bg % s.G, shifts);
+    std::vector<float> state(F * V, 0.0f), yc(LC * V), kw(F * LC);
+    for (int i0 = 0; i0 < s.T; i0 += LC) {
+      const int n = std::min(LC, s.T - i0);
+      const float before = u.Before(i0), last = u.top[i0 + n - 1];
+      u.Weights(i0, n);
+      u.Keys(phi_k, v, i0, n);
+      for (int r = 0; r < R; ++r) {
+        const int h = u.g * R + r;
+        Compact(n, F, phi_q + u.QRow(i0, h, F), ldq, u.qc.data());
+        u.Scores(n);
+        Gemm(n, V, n, u.p.data(), LC, u.vc.data(), V, yc.data(), V, false);
+        if (i0) {  // the earlier chunks, rescaled to each query's maximum
+          float* qs = u.scratch.data();
+          Gemm(n, V, F, u.qc.data(), F, state.data(), V, qs, V, false);
+          for (int i = 0; i < n; ++i) {
+            const float carry = std::exp(before - u.top[i0 + i]);
+            for (int d = 0; d < V; ++d) yc[i * V + d] += carry * qs[i * V + d];
+          }
+        }
+        float* yb = y + u.QRow(i0, h, V);
+        for (int i = 0; i < n; ++i)
+          std::copy(yc.data() + i * V, yc.data() + (i + 1) * V, yb + i * ldy);
+      }
+      // S <- S exp(before - last) + sum_j exp(shift_j - last) phi_k_j v_j^T
+      const float decay = i0 ? std::exp(before - last) : 0.0f;
+      for (float& x : state) x *= decay;
+      ScaleColumns(F, n, u.kt.data(), u.shift.data() + i0, last, kw.data());
+      Gemm(F, V, n, kw.data(), LC, u.vc.data(), V, state.data(), V, true);
+    }
+  });
+}
+
+void LinearBackward(const LinearShape& s, const float* phi_q,
+                    const float* phi_k, const float* shifts, const float* v,
+                    const float* dy, float* dphi_q, float* dphi_k, float* dv) {
+  const int R = s.H / s.G, F = s.F, V = s.V;
+  const int64_t ldq = int64_t(s.H) * F, ldy = int64_t(s.H) * V,
+                ldk = int64_t(s.G) * F, ldv = int64_t(s.G) * V;
+  Parallel(s.B * s.G, [&](int bg) {
+    LinearUnit u(s, bg / s.G, bg % s.G, shifts);
+    // st: S^T [V x F] of the earlier chunks; ds [F x V], dst = ds^T: the
+    // later queries' sum phi_q dy^T.
+    std::vector<float> st(V * F, 0.0f), ds(F * V, 0.0f), dst(V * F),
+        gm(LC * LC), tr(LC * LC), dqc(LC * F), dkc(LC * F), dvc(LC * V),
+        qt(F * LC), vw(V * LC);
+    float negtop[LC];
+    // Forward through the chunks: d phi_q whole, the in-chunk parts of
+    // d phi_k and dv.
+    for (int i0 = 0; i0 < s.T; i0 += LC) {
+      const int n = std::min(LC, s.T - i0);
+      const float before = u.Before(i0), last = u.top[i0 + n - 1];
+      u.Weights(i0, n);
+      u.Keys(phi_k, v, i0, n);
+      for (int r = 0; r < R; ++r) {
+        const int h = u.g * R + r;
+        Compact(n, F, phi_q + u.QRow(i0, h, F), ldq, u.qc.data());
+        Compact(n, V, dy + u.QRow(i0, h, V), ldy, u.dyc.data());
+        u.Scores(n);
+        // gm = (dy v^T) o W
+        Gemm(n, n, V, u.dyc.data(), V, u.vt.data(), LC, gm.data(), LC, false);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < n; ++j) gm[i * LC + j] *= u.w[i * LC + j];
+        Gemm(n, F, n, gm.data(), LC, u.kc.data(), F, dqc.data(), F, false);
+        if (i0) {
+          float* dys = u.scratch.data();
+          Gemm(n, F, V, u.dyc.data(), V, st.data(), F, dys, F, false);
+          for (int i = 0; i < n; ++i) {
+            const float carry = std::exp(before - u.top[i0 + i]);
+            for (int d = 0; d < F; ++d) dqc[i * F + d] += carry * dys[i * F + d];
+          }
+        }
+        float* dqb = dphi_q + u.QRow(i0, h, F);
+        for (int i = 0; i < n; ++i)
+          std::copy(dqc.data() + i * F, dqc.data() + (i + 1) * F,
+                    dqb + i * ldq);
+        Transpose(n, n, gm.data(), LC, tr.data(), LC);
+        Gemm(n, F, n, tr.data(), LC, u.qc.data(), F, dkc.data(), F, r > 0);
+        Transpose(n, n, u.p.data(), LC, tr.data(), LC);
+        Gemm(n, V, n, tr.data(), LC, u.dyc.data(), V, dvc.data(), V, r > 0);
+      }
+      float *dkb = dphi_k + u.KRow(i0, F), *dvb = dv + u.KRow(i0, V);
+      for (int j = 0; j < n; ++j) {
+        std::copy(dkc.data() + j * F, dkc.data() + (j + 1) * F, dkb + j * ldk);
+        std::copy(dvc.data() + j * V, dvc.data() + (j + 1) * V, dvb + j * ldv);
+      }
+      const float decay = i0 ? std::exp(before - last) : 0.0f;
+      for (float& x : st) x *= decay;
+      ScaleColumns(V, n, u.vt.data(), u.shift.data() + i0, last, vw.data());
+      Gemm(V, F, n, vw.data(), LC, u.kc.data(), F, st.data(), F, true);
+    }
+    // Backward through the chunks: the later queries' part of d phi_k, dv.
+    const int last_start = (s.T - 1) / LC * LC;
+    for (int i0 = last_start; i0 >= 0; i0 -= LC) {
+      const int n = std::min(LC, s.T - i0);
+      const float before = u.Before(i0), last = u.top[i0 + n - 1];
+      if (i0 != last_start) {  // ds holds the later chunks, scaled to last
+        u.Keys(phi_k, v, i0, n);
+        Transpose(F, V, ds.data(), V, dst.data(), F);
+        Gemm(n, F, V, u.vc.data(), V, dst.data(), F, dkc.data(), F, false);
+        Gemm(n, V, F, u.kc.data(), F, ds.data(), V, dvc.data(), V, false);
+        float *dkb = dphi_k + u.KRow(i0, F), *dvb = dv + u.KRow(i0, V);
+        for (int j = 0; j < n; ++j) {
+          const float c = std::exp(u.shift[i0 + j] - last);
+          for (int d = 0; d < F; ++d) dkb[j * ldk + d] += c * dkc[j * F + d];
+          for (int d = 0; d < V; ++d) dvb[j * ldv + d] += c * dvc[j * V + d];
+        }
+      }
+      if (!i0) break;
+      // ds <- ds exp(before - last) + sum_i exp(before - M_i) phi_q_i dy_i^T
+      const float decay = std::exp(before - last);
+      for (float& x : ds) x *= decay;
+      for (int r = 0; r < R; ++r) {
+        const int h = u.g * R + r;
+        Panels(n, F, LC, phi_q + u.QRow(i0, h, F), ldq, qt.data(), 1.0f);
+        for (int i = 0; i < n; ++i) negtop[i] = -u.top[i0 + i];
+        ScaleColumns(F, n, qt.data(), negtop, -before, qt.data());
+        Compact(n, V, dy + u.QRow(i0, h, V), ldy, u.dyc.data());
+        Gemm(F, V, n, qt.data(), LC, u.dyc.data(), V, ds.data(), V, true);
+      }
+    }
+  });
+}
+
 ffi::Error ShapeOf(F32& q, F32& k, Shape* s) {
   auto dq = q.dimensions(), dk = k.dimensions();
   if (dq.size() != 4 || dk.size() != 4)
@@ -362,6 +587,47 @@ ffi::Error BackwardImpl(F32 q, F32 k, F32 v, F32 out, F32 lse, F32 dout,
   return ffi::Error::Success();
 }
 
+ffi::Error LinearShapeOf(F32& phi_q, F32& phi_k, F32& shift, F32& v,
+                         LinearShape* s) {
+  auto q = phi_q.dimensions(), k = phi_k.dimensions(),
+       sh = shift.dimensions(), dv = v.dimensions();
+  if (q.size() != 4 || k.size() != 4 || sh.size() != 3 || dv.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "need phi_q [B, T, H, F], phi_k [B, T, G, F], shift [B, T, G], "
+        "v [B, T, G, V]");
+  *s = LinearShape{int(q[0]), int(q[1]), int(q[2]), int(k[2]), int(q[3]),
+                   int(dv[3])};
+  if (k[0] != s->B || k[1] != s->T || k[3] != s->F || sh[0] != s->B ||
+      sh[1] != s->T || sh[2] != s->G || dv[0] != s->B || dv[1] != s->T ||
+      dv[2] != s->G || s->H % s->G || s->T % W || s->F % W || s->V % W)
+    return ffi::Error::InvalidArgument(
+        "phi_k, shift, v must match phi_q's batch and length and share G "
+        "dividing H; T, F, V multiples of 16");
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearForwardImpl(F32 phi_q, F32 phi_k, F32 shift, F32 v,
+                             F32Result y) {
+  LinearShape s;
+  if (ffi::Error e = LinearShapeOf(phi_q, phi_k, shift, v, &s); e.failure())
+    return e;
+  LinearForward(s, phi_q.typed_data(), phi_k.typed_data(),
+                shift.typed_data(), v.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error LinearBackwardImpl(F32 phi_q, F32 phi_k, F32 shift, F32 v, F32 dy,
+                              F32Result dphi_q, F32Result dphi_k,
+                              F32Result dv) {
+  LinearShape s;
+  if (ffi::Error e = LinearShapeOf(phi_q, phi_k, shift, v, &s); e.failure())
+    return e;
+  LinearBackward(s, phi_q.typed_data(), phi_k.typed_data(),
+                 shift.typed_data(), v.typed_data(), dy.typed_data(),
+                 dphi_q->typed_data(), dphi_k->typed_data(), dv->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionForward, ForwardImpl,
@@ -389,3 +655,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooAttentionBackward, BackwardImpl,
                                   .Attr<bool>("causal")
                                   .Attr<int64_t>("valid")
                                   .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooLinearForward, LinearForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ZooLinearBackward, LinearBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>());

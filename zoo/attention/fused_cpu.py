@@ -1,21 +1,26 @@
-"""Fused softmax attention on CPU: the C++ kernel in fused_cpu.cc, called
-through XLA FFI, with its own backward pass.
+"""Fused attention kernels for CPU, in C++ (fused_cpu.cc), called through
+XLA FFI, each with its own backward pass.
 
-Why a kernel: an XLA:CPU program cannot fuse a matmul with the softmax
-around it, so `blockwise` as XLA sends every block's scores through memory
-and ran 2.3-2.7x slower than PyTorch's fused CPU kernel. This one keeps each
-block's scores in cache between its two matmuls (FlashAttention-2: online
-softmax forward, recomputing backward from the saved logsumexp), so memory
-stays linear in length.
+Why kernels: an XLA:CPU program cannot keep a block of scores in cache
+between the matmuls around it, so every block goes through memory.
+- `attention`, softmax attention for `blockwise`: as XLA it ran 2.3-2.7x
+  slower than PyTorch's fused CPU kernel. The kernel is FlashAttention-2
+  (online softmax forward, recomputing backward from the saved logsumexp),
+  so memory stays linear in length.
+- `causal_linear`, causal linear attention for `linear`: the chunked XLA
+  form's arrays leave the L2 cache as length grows, so its time grew faster
+  than length. The kernel runs the same chunks with each chunk's scores and
+  the running state in cache.
 
 The library is compiled on first use with the machine's C++ compiler (`CXX`,
 else `c++`; about 4 s) and cached under `ZOO_CACHE_DIR` (default
 ~/.cache/zoo), keyed by the source, the compiler, jaxlib's version and the
 CPU's features (it is built for this CPU with -march=native). Where it
-cannot be built, `unavailable()` says why and callers run XLA instead.
+cannot be built, `unavailable()` says why and callers run XLA instead
+(`use` decides, for the ops' `implementation` argument).
 
 Shapes: B batch, T length (Tp padded to 16), H heads, G kv heads, K head dim
-(Kp padded to 16).
+(Kp padded to 16), F features.
 """
 
 import ctypes
@@ -32,18 +37,56 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from zoo.attention import kernels
+
 SOURCE = pathlib.Path(__file__).with_name("fused_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
          "-pthread", "-w")
 _TARGETS = {"zoo_attention_forward": "ZooAttentionForward",
-            "zoo_attention_backward": "ZooAttentionBackward"}
+            "zoo_attention_backward": "ZooAttentionBackward",
+            "zoo_linear_forward": "ZooLinearForward",
+            "zoo_linear_backward": "ZooLinearBackward"}
 _LANES = 16  # the kernel's vector width in floats: T and K are padded to it
+# The `implementation` argument of the ops with a fused CPU kernel.
+IMPLEMENTATIONS = (None, "xla", "fused")
 
 
 def unavailable() -> str | None:
   """None when the kernel is built and registered with XLA; otherwise one
   line saying why not (the first line of the compiler's error)."""
   return _load()
+
+
+def check_implementation(op: str, implementation) -> None:
+  """Refuses an `implementation` argument outside IMPLEMENTATIONS."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"attention {op}(implementation=...) must be one of "
+        f"{', '.join(map(repr, IMPLEMENTATIONS))}; got {implementation!r}")
+
+
+def use(op: str, implementation, takes: str, why: str | None) -> bool:
+  """Whether a call of attention `op` runs its fused kernel. `takes` says
+  which calls the kernel runs, `why` what in this call it cannot take (None
+  or '' when nothing). None runs the kernel where it applies (one warning
+  and XLA where it cannot be built); 'xla' never; 'fused' always, refusing
+  before any compute a call or machine it cannot run."""
+  if implementation == "xla":
+    return False
+  backend = jax.default_backend()
+  why = why or (backend != "cpu" and f"the {backend} backend")
+  if why and implementation == "fused":
+    raise ValueError(
+        f"attention {op}(implementation='fused') runs {takes}; this call "
+        f"has {why} (use implementation=None or 'xla')")
+  if why:
+    return False
+  reason = unavailable()
+  if reason and implementation == "fused":
+    raise ValueError(f"attention {op}(implementation='fused'): {reason}")
+  if reason:
+    kernels.warn_once(f"attention {op}: {reason}; running the XLA form")
+  return not reason
 
 
 def attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, causal: bool):
@@ -89,6 +132,55 @@ def _fused_bwd(causal, valid, scale, residuals, d_out):
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def causal_linear(phi_q_BxTxHxF, phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK):
+  """Causal linear attention by the kernel, unnormalised: (num BxTxHxK,
+  den BxTxH) = sum over keys s <= t of exp(shift_s - M_t) (phi_q_t .
+  phi_k_s) (v_s, 1), with M_t = max_{s <= t} shift_s (see linear.py's
+  FAVOR+ stabiliser; zeros for elu features). float32, T == S, no mask;
+  `shift` gets no gradient (the callers stop it). Call only where
+  `unavailable()` is None."""
+  b, t, h, f = phi_q_BxTxHxF.shape
+  k = v_BxTxGxK.shape[-1]
+  tp, fp, vp = (-(-x // _LANES) * _LANES for x in (t, f, k + 1))
+  pad_t = lambda x: jnp.pad(x, [(0, 0), (0, tp - t)] + [(0, 0)] *
+                            (x.ndim - 2))
+  phi_q, phi_k = (pad_t(jnp.pad(x, [(0, 0)] * 3 + [(0, fp - f)]))
+                  for x in (phi_q_BxTxHxF, phi_k_BxTxGxF))
+  # Values with a column of ones, whose output is the normaliser.
+  v_BxTxGxV = pad_t(jnp.concatenate(
+      [v_BxTxGxK, jnp.ones_like(v_BxTxGxK[..., :1])], -1))
+  v_BxTxGxV = jnp.pad(v_BxTxGxV, [(0, 0)] * 3 + [(0, vp - k - 1)])
+  y_BxTpxHxV = _linear(phi_q, phi_k, pad_t(shift_BxTxG), v_BxTxGxV)
+  return y_BxTpxHxV[:, :t, :, :k], y_BxTpxHxV[:, :t, :, k]
+
+
+@jax.custom_vjp
+def _linear(phi_q, phi_k, shift, v):
+  return _linear_fwd(phi_q, phi_k, shift, v)[0]
+
+
+def _linear_fwd(phi_q_BxTxHxF, phi_k, shift, v_BxTxGxV):
+  b, t, h, _ = phi_q_BxTxHxF.shape
+  y = jax.ffi.ffi_call(
+      "zoo_linear_forward",
+      jax.ShapeDtypeStruct((b, t, h, v_BxTxGxV.shape[-1]), jnp.float32),
+      vmap_method="sequential")(phi_q_BxTxHxF, phi_k, shift, v_BxTxGxV)
+  return y, (phi_q_BxTxHxF, phi_k, shift, v_BxTxGxV)
+
+
+def _linear_bwd(residuals, d_y):
+  phi_q, phi_k, shift, v = residuals
+  shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                 for x in (phi_q, phi_k, v))
+  d_phi_q, d_phi_k, d_v = jax.ffi.ffi_call(
+      "zoo_linear_backward", shapes, vmap_method="sequential")(
+          *residuals, d_y.astype(jnp.float32))
+  return d_phi_q, d_phi_k, jnp.zeros_like(shift), d_v
+
+
+_linear.defvjp(_linear_fwd, _linear_bwd)
 
 
 def _attributes(causal, valid, scale):

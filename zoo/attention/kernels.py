@@ -198,7 +198,7 @@ class Splash(AttentionOp):
           interpret=self.interpret)
 
     out_BxTxHxK = shard_heads(run, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
-                              segments_BxT)
+                              segments_BxT=segments_BxT)
     return out_BxTxHxK[:, :t].astype(q.dtype)
 
 
@@ -297,27 +297,27 @@ def _splash_kernel(pattern, t, tp, causal, num_heads, block, head_shards,
         head_shards=head_shards, q_seq_shards=1, interpret=interpret)
 
 
-def shard_heads(run, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT=None):
-  """run(q, k, v, segments) -> out_BxTxHxK for a kernel that XLA cannot
-  partition: under the ambient mesh it runs in `jax.shard_map` over batch
-  and heads (the mesh axes the logical rules give them; an axis that does
-  not divide its dimension is replicated), kv heads repeated to one per
-  query head where they cannot split like the query heads. Outside a mesh,
-  run itself."""
-  b, _, h, _ = q_BxTxHxK.shape
-  g = k_BxTxGxK.shape[2]
+def shard_heads(run, q_BxTxHx_, *kv_BxTxGx_, segments_BxT=None):
+  """run(q, *kv, segments) -> out_BxTxHx_ for a kernel that XLA cannot
+  partition, given query-side q [B, T, H, ...] and kv-side arrays
+  [B, T, G, ...]: under the ambient mesh it runs in `jax.shard_map` over
+  batch and heads (the mesh axes the logical rules give them; an axis that
+  does not divide its dimension is replicated), kv heads repeated to one
+  per query head where they cannot split like the query heads. Outside a
+  mesh, run itself."""
+  b, _, h = q_BxTxHx_.shape[:3]
+  g = kv_BxTxGx_[0].shape[2]
   mesh, batch, heads = _mesh_axes(b, h)
   if mesh is None:
-    return run(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT)
+    return run(q_BxTxHx_, *kv_BxTxGx_, segments_BxT)
   if g % _size(mesh, heads):
-    k_BxTxGxK, v_BxTxGxK = (jnp.repeat(x, h // g, axis=2)
-                            for x in (k_BxTxGxK, v_BxTxGxK))
+    kv_BxTxGx_ = tuple(jnp.repeat(x, h // g, axis=2) for x in kv_BxTxGx_)
   spec = P(batch, None, heads)
   segments_spec = None if segments_BxT is None else P(batch)
   return jax.shard_map(
       run, mesh=mesh, check_vma=False, out_specs=spec,
-      in_specs=(spec, spec, spec, segments_spec))(
-          q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, segments_BxT)
+      in_specs=(spec,) * (1 + len(kv_BxTxGx_)) + (segments_spec,))(
+          q_BxTxHx_, *kv_BxTxGx_, segments_BxT)
 
 
 def _mesh_axes(batch_size, num_heads):

@@ -6,6 +6,11 @@ FAVOR+, Choromanski et al. 2021).
 Causal attention runs in chunks: the masked quadratic form inside a chunk,
 and across chunks the state sum phi(k) v^T and normaliser sum phi(k) of all
 earlier chunks, carried by a lax.scan over chunks, so time is linear in T.
+On CPU, causal self-attention without a padding mask runs the same chunks
+as one C++ kernel (`fused_cpu.causal_linear`) that keeps each chunk's
+scores and the state in cache; the XLA form sends them through memory, and
+its time grew faster than length once its arrays left the L2 cache
+(`implementation` chooses).
 `step` is the same computation as a recurrence over that fixed-size state:
 the RNN view, for decoding. An additive position bias cannot enter a feature
 map, so this op takes none.
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import registry
+from zoo.attention import fused_cpu, kernels
 from zoo.attention.base import AttentionOp, group_queries
 
 _EPS = 1e-6  # added to FAVOR+ key features (relative to each key's largest)
@@ -87,7 +93,10 @@ class Linear(AttentionOp):
   training steps, as the paper does (0, the default, keeps one draw).
   num_features defaults to 256 (64 gives about 25% error against exact
   softmax on unit-scale inputs at head_dim 16). `chunk` is the causal chunk
-  length.
+  length of the XLA form. `implementation`: 'xla' (any device, masks),
+  'fused' (the C++ kernel in fused_cpu: causal CPU self-attention without a
+  padding mask, 64-key chunks kept in cache) or None: 'fused' where it
+  applies, else 'xla' (with one warning if the kernel cannot be built).
 
   Rotary positions are refused with elu features: elu(Rq) + 1 of rotated
   q and k makes scores depend on absolute position. With FAVOR+, rotating q
@@ -102,8 +111,10 @@ class Linear(AttentionOp):
   redraw_every: int = 0
   seed: int = 0
   layer: int = 0
+  implementation: str | None = None
 
   def __post_init__(self):
+    fused_cpu.check_implementation("linear", self.implementation)
     if self.feature not in ("elu", "favor"):
       raise ValueError(
           f"attention linear(feature=...) must be 'elu' or 'favor'; "
@@ -193,7 +204,14 @@ class Linear(AttentionOp):
     phi_q_BxTxGxRxF = self.query_features(group_queries(q, g), w_GxFxK)
     phi_k_BxSxGxF, shift_BxSxG = self.key_features(k, w_GxFxK, mask)
     v_BxSxGxK = v.astype(jnp.float32)
-    if causal:
+    if self._fused(q, k, mask, causal):
+      def run(phi_q_BxTxHxF, phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK, _):
+        return _normalise(*fused_cpu.causal_linear(
+            phi_q_BxTxHxF, phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK))
+      out = kernels.shard_heads(
+          run, phi_q_BxTxGxRxF.reshape(b, t, h, -1), phi_k_BxSxGxF,
+          shift_BxSxG, v_BxSxGxK)
+    elif causal:
       out = self._causal(phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG,
                          v_BxSxGxK)
     else:
@@ -203,6 +221,15 @@ class Linear(AttentionOp):
           jnp.einsum("btgrf,bgfk->btgrk", phi_q_BxTxGxRxF, state_BxGxFxK),
           jnp.einsum("btgrf,bgf->btgr", phi_q_BxTxGxRxF, z_BxGxF))
     return out.reshape(b, t, h, d).astype(q.dtype)
+
+  def _fused(self, q, k, mask, causal) -> bool:
+    """Whether this call runs the fused kernel (`fused_cpu.use`)."""
+    return fused_cpu.use(
+        "linear", self.implementation,
+        "causal CPU self-attention without a padding mask",
+        (not causal and "causal=False")
+        or (mask is not None and "a padding mask")
+        or (q.shape[1] != k.shape[1] and "q_len != kv_len"))
 
   def _causal(self, phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK):
     """Chunked causal form; query i sits at key position S - T + i."""
