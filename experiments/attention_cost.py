@@ -9,7 +9,8 @@ also against the visited (query, key) pairs, T x keys per query, which is
 the fair measure where a pattern's budget grows with T by definition
 (strided sparse adds T / block keys per query). With --torch, PyTorch's
 scaled_dot_product_attention beside them and blockwise's time as a ratio to
-it. Writes RESULTS.md, raw.json and cost.png under
+it. Freed host memory is kept for reuse, as the trainer does
+(zoo/host_memory.py). Writes RESULTS.md, raw.json and cost.png under
 experiments/results/attention_cost/.
 
   python -m experiments.attention_cost                    # CPU default

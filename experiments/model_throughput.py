@@ -14,6 +14,8 @@ buffer assignment. A point whose program needs more than --memory_limit_gib
 is recorded as over the limit and not run. Each finished point is saved at
 once, so a rerun with the same --out resumes. Crossover: the shortest
 measured length from which an op's train tokens/s stays above blockwise's.
+Freed host memory is kept for reuse, as the trainer does
+(zoo/host_memory.py).
 """
 
 import json

@@ -18,7 +18,8 @@ torch.optim.AdamW at the trainer's rate and weight decay, on every core
 compile time (first lower + compile, no persistent cache), and forward and
 forward+backward alone, and page faults per train step: like the trainer,
 the benchmark keeps freed host memory for reuse (zoo/host_memory.py), so a
-warm step should fault in no new pages.
+warm step should fault in no new pages (--noretain_host_memory measures
+glibc's default).
 
 --profile adds where one train step's time goes (of the first --attention):
 for zoo, jax's profiler trace of XLA:CPU's thunks, each attributed by its
@@ -278,8 +279,9 @@ def torch_model(config):
 
 def main(argv):
   del argv
-  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
   f = flags.FLAGS
+  if f.retain_host_memory:
+    host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
   quick = f.quick
   repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)
   zoo_models = {f"zoo {spec}": ZooModel(make_config(quick, spec))
@@ -315,7 +317,8 @@ def main(argv):
       f"jax {jax.__version__}. Model: {layers} layers, width {width}, "
       f"{heads} heads, MLP {mlp}, vocabulary {VOCAB}, length {length}, "
       f"batch {batch} ({tokens} tokens per step); medians of {repeats} "
-      f"runs after {warmup} warm-up runs.", table]
+      f"runs after {warmup} warm-up runs; host memory "
+      f"{'retained' if f.retain_host_memory else 'glibc default'}.", table]
   if f.torch:
     parts.append("Speed of zoo / speed of torch:\n\n" + "\n".join(
         f"- {r['framework']}: " + ", ".join(
@@ -388,6 +391,9 @@ def _define_flags():
   flags.DEFINE_integer("repeats", 10, "Timed runs per figure.")
   flags.DEFINE_integer("warmup", 3, "Untimed runs first.")
   flags.DEFINE_bool("quick", False, "Tiny model, 2 repeats.")
+  flags.DEFINE_bool("retain_host_memory", True, "Keep freed host memory "
+                    "for reuse, as the trainer does (zoo/host_memory.py); "
+                    "false measures glibc's default.")
   flags.DEFINE_string("out", "", "Output folder (default "
                       "experiments/results/step_throughput).")
 
