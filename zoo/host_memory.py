@@ -1,14 +1,15 @@
 """Host memory policy for XLA:CPU programs: keep freed memory for reuse.
 
-XLA:CPU takes each execution's temporary buffer (about 100 MB for the LM
-train step of experiments/step_throughput) from malloc on its worker
+XLA:CPU takes an execution's temporary buffers from malloc on its worker
 threads. glibc serves those threads from arenas of at most 64 MB, so a
-larger block is mmapped and unmapped on every call: each step faults in
-every page afresh (about 105k page faults and 0.19 s of kernel time per
-step of that LM). `retain()` sets glibc to one arena, no mmapped blocks and
-no trimming, so every call reuses the pages the last one freed. The cost:
-the process keeps its peak heap, and threads share one arena (small blocks
-still come from per-thread caches).
+larger block is mmapped and unmapped on every call, and every step faults
+its pages in afresh: 106.5k page faults (416 MiB) per train step of the
+LM in experiments/step_throughput, which ran at 0.87x torch's speed
+(experiments/results/step_throughput_glibc_default); with this policy 0
+faults and 0.98-1.08x. `retain()` sets glibc to one arena, no mmapped
+blocks and no trimming, so every call reuses the pages the last one
+freed. The cost: the process keeps its peak heap, and threads share one
+arena (small blocks still come from per-thread caches).
 
 The trainer and the benchmark programs call it first thing in `main`;
 a user's program may too. It must run before jax starts its CPU backend
