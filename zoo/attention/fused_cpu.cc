@@ -333,7 +333,7 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
 // Causal linear attention (zoo/attention/linear.py), per (batch, kv head):
 // y_t = sum_{s <= t} exp(shift_s - M_t) (phi_q_t . phi_k_s) v_s with
 // M_t = max_{s <= t} shift_s, the running maximum that keeps FAVOR+'s key
-// weights at most 1 (all zero for elu features). Keys run in chunks of LC:
+// weights at most 1 (elu features have all shifts zero). Keys run in chunks of LC:
 // inside a chunk the masked quadratic form, across chunks the state
 // S = sum phi_k v^T of the earlier chunks, scaled to their largest shift.
 // The backward pass recomputes the states forward (for d phi_q), then runs

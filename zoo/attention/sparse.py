@@ -186,13 +186,21 @@ class Sparse(AttentionOp):
       # The strided column: key (m, l) for query (n, l), every block m but
       # the query's own (that key is i itself, in the band; no other column
       # key is).
-      allowed = (other_NxN[None, :, None, :]
-                 & jnp.transpose(valid_BxNxL, (0, 2, 1))[:, None])
-      far = _part(
-          q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, "bmlgk",
-          allowed[:, :, :, None, None],
-          None if bias is None else _block_bias(bias, pos_NxL.T, pos_NxL.T,
-                                                (2, 0, 1, 3), g))
+      # Laid out with the batch axes (b, l, g) first, so the two products
+      # run as batched matmuls: in q's layout XLA:CPU fused them into
+      # elementwise loops.
+      allowed_BxLxNxM = (other_NxN[None, None]
+                         & jnp.transpose(valid_BxNxL, (0, 2, 1))[:, :, None])
+      out, top, total = _part(
+          q_BxNxLxGxRxK.transpose(0, 2, 3, 1, 4, 5),
+          k_BxNxLxGxK.transpose(0, 2, 3, 1, 4),
+          v_BxNxLxGxK.transpose(0, 2, 3, 1, 4), "blgmk",
+          allowed_BxLxNxM[:, :, None, :, None],
+          None if bias is None else _block_bias(
+              bias, pos_NxL.T, pos_NxL.T, (2, 0, 1, 3), g).transpose(
+                  1, 2, 0, 3, 4), query="blgnrk")
+      far = (out.transpose(0, 3, 1, 2, 4, 5), top.transpose(0, 3, 1, 2, 4),
+             total.transpose(0, 3, 1, 2, 4))
     else:
       # The summary positions of every other block (the own block's are in
       # the band).
