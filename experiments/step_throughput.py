@@ -280,8 +280,9 @@ def torch_model(config):
 def main(argv):
   del argv
   f = flags.FLAGS
-  if f.retain_host_memory:
-    host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
+  # As the trainer runs (see zoo/host_memory.py).
+  memory = ((host_memory.retain() or "host memory retained")
+            if f.retain_host_memory else "host memory: glibc default")
   quick = f.quick
   repeats, warmup = (2, 1) if quick else (f.repeats, f.warmup)
   zoo_models = {f"zoo {spec}": ZooModel(make_config(quick, spec))
@@ -317,8 +318,7 @@ def main(argv):
       f"jax {jax.__version__}. Model: {layers} layers, width {width}, "
       f"{heads} heads, MLP {mlp}, vocabulary {VOCAB}, length {length}, "
       f"batch {batch} ({tokens} tokens per step); medians of {repeats} "
-      f"runs after {warmup} warm-up runs; host memory "
-      f"{'retained' if f.retain_host_memory else 'glibc default'}.", table]
+      f"runs after {warmup} warm-up runs; {memory}.", table]
   if f.torch:
     parts.append("Speed of zoo / speed of torch:\n\n" + "\n".join(
         f"- {r['framework']}: " + ", ".join(
