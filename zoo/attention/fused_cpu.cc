@@ -333,8 +333,8 @@ void Backward(const Shape& s, const float* q, const float* k, const float* v,
 // Causal linear attention (zoo/attention/linear.py), per (batch, kv head):
 // y_t = sum_{s <= t} exp(shift_s - M_t) (phi_q_t . phi_k_s) v_s with
 // M_t = max_{s <= t} shift_s, the running maximum that keeps FAVOR+'s key
-// weights at most 1 (elu features have all shifts zero). Keys run in chunks of LC:
-// inside a chunk the masked quadratic form, across chunks the state
+// weights at most 1 (elu features have all shifts zero). Keys run in chunks
+// of LC: inside a chunk the masked quadratic form, across chunks the state
 // S = sum phi_k v^T of the earlier chunks, scaled to their largest shift.
 // The backward pass recomputes the states forward (for d phi_q), then runs
 // the chunks in reverse carrying dS = sum phi_q dy^T of the later queries
@@ -405,7 +405,27 @@ struct LinearUnit {
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) p[i * LC + j] *= w[i * LC + j];
   }
+  // out [n x N] += exp(before - M_i) (a [n x K] b [K x N]) for the rows i
+  // of the chunk at i0 > 0: the earlier chunks' state, rescaled to each
+  // query's running maximum.
+  void AddCarried(int i0, int n, int N, int K, const float* a,
+                  const float* b, float* out) {
+    const float before = Before(i0);
+    float* ab = scratch.data();
+    Gemm(n, N, K, a, K, b, N, ab, N, false);
+    for (int i = 0; i < n; ++i) {
+      const float carry = std::exp(before - top[i0 + i]);
+      for (int d = 0; d < N; ++d) out[i * N + d] += carry * ab[i * N + d];
+    }
+  }
 };
+
+// dst [T x D] with rows ldd apart = src [T x D] contiguous (Compact's
+// inverse).
+void Spread(int T, int D, const float* src, float* dst, int64_t ldd) {
+  for (int t = 0; t < T; ++t)
+    std::copy(src + int64_t(t) * D, src + int64_t(t + 1) * D, dst + t * ldd);
+}
 
 // dst [rows x cols] (ld LC) = src [rows x cols] (ld LC) with column j
 // scaled by exp(x_j - ref) (x_j <= ref).
@@ -442,17 +462,8 @@ void LinearForward(const LinearShape& s, const float* phi_q,
         Compact(n, F, phi_q + u.QRow(i0, h, F), ldq, u.qc.data());
         u.Scores(n);
         Gemm(n, V, n, u.p.data(), LC, u.vc.data(), V, yc.data(), V, false);
-        if (i0) {  // the earlier chunks, rescaled to each query's maximum
-          float* qs = u.scratch.data();
-          Gemm(n, V, F, u.qc.data(), F, state.data(), V, qs, V, false);
-          for (int i = 0; i < n; ++i) {
-            const float carry = std::exp(before - u.top[i0 + i]);
-            for (int d = 0; d < V; ++d) yc[i * V + d] += carry * qs[i * V + d];
-          }
-        }
-        float* yb = y + u.QRow(i0, h, V);
-        for (int i = 0; i < n; ++i)
-          std::copy(yc.data() + i * V, yc.data() + (i + 1) * V, yb + i * ldy);
+        if (i0) u.AddCarried(i0, n, V, F, u.qc.data(), state.data(), yc.data());
+        Spread(n, V, yc.data(), y + u.QRow(i0, h, V), ldy);
       }
       // S <- S exp(before - last) + sum_j exp(shift_j - last) phi_k_j v_j^T
       const float decay = i0 ? std::exp(before - last) : 0.0f;
@@ -494,28 +505,15 @@ void LinearBackward(const LinearShape& s, const float* phi_q,
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < n; ++j) gm[i * LC + j] *= u.w[i * LC + j];
         Gemm(n, F, n, gm.data(), LC, u.kc.data(), F, dqc.data(), F, false);
-        if (i0) {
-          float* dys = u.scratch.data();
-          Gemm(n, F, V, u.dyc.data(), V, st.data(), F, dys, F, false);
-          for (int i = 0; i < n; ++i) {
-            const float carry = std::exp(before - u.top[i0 + i]);
-            for (int d = 0; d < F; ++d) dqc[i * F + d] += carry * dys[i * F + d];
-          }
-        }
-        float* dqb = dphi_q + u.QRow(i0, h, F);
-        for (int i = 0; i < n; ++i)
-          std::copy(dqc.data() + i * F, dqc.data() + (i + 1) * F,
-                    dqb + i * ldq);
+        if (i0) u.AddCarried(i0, n, F, V, u.dyc.data(), st.data(), dqc.data());
+        Spread(n, F, dqc.data(), dphi_q + u.QRow(i0, h, F), ldq);
         Transpose(n, n, gm.data(), LC, tr.data(), LC);
         Gemm(n, F, n, tr.data(), LC, u.qc.data(), F, dkc.data(), F, r > 0);
         Transpose(n, n, u.p.data(), LC, tr.data(), LC);
         Gemm(n, V, n, tr.data(), LC, u.dyc.data(), V, dvc.data(), V, r > 0);
       }
-      float *dkb = dphi_k + u.KRow(i0, F), *dvb = dv + u.KRow(i0, V);
-      for (int j = 0; j < n; ++j) {
-        std::copy(dkc.data() + j * F, dkc.data() + (j + 1) * F, dkb + j * ldk);
-        std::copy(dvc.data() + j * V, dvc.data() + (j + 1) * V, dvb + j * ldv);
-      }
+      Spread(n, F, dkc.data(), dphi_k + u.KRow(i0, F), ldk);
+      Spread(n, V, dvc.data(), dv + u.KRow(i0, V), ldv);
       const float decay = i0 ? std::exp(before - last) : 0.0f;
       for (float& x : st) x *= decay;
       ScaleColumns(V, n, u.vt.data(), u.shift.data() + i0, last, vw.data());
