@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import report, timing
-from zoo import host_memory, registry
+from zoo import host_memory, registry, xla_flags
 
 HEADS, HEAD_DIM = 4, 64
 DENSE = ("standard", "xla")
@@ -99,7 +99,9 @@ def exponent(rows, key, lo, hi, against="length"):
 
 def main(argv):
   del argv
-  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
+  # As the trainer runs (see zoo/xla_flags.py and zoo/host_memory.py).
+  xla_flags.apply()
+  host_memory.retain()
   f = flags.FLAGS
   specs = f.ops or default_specs()
   lengths = [int(t) for t in f.lengths]

@@ -5,7 +5,7 @@ recomputing the forward pass for every new token.
 For each op and context length L: a decoder LM (batch 1, no positions, so
 every op is timed alike) prefills L random tokens into a decode state of
 capacity L + steps (KV cache, KV cache with the pattern's row, ring buffer
-or recurrent state; zoo/decode.py), then decodes `steps` tokens in one
+or recurrent state; zoo/attention/base.py), then decodes `steps` tokens in one
 compiled loop (greedy, the cache donated), timed as the median of
 `repeats` runs. Memory is the bytes of every layer's decode state.
 Recompute is one forward pass over L tokens: what the next token costs
@@ -29,7 +29,8 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import report
-from zoo import decode, registry
+from zoo import layers, registry
+from zoo.attention.base import AttentionOp
 
 NAME = "decode_speed"
 VOCAB = 256
@@ -48,10 +49,16 @@ PRESETS = {
 # at 16K; standard and xla decode alike), the KV cache with a pattern's row,
 # the ring buffer and the recurrent state (elu+1 and FAVOR+).
 OPS = ["blockwise", "bigbird", "local", "linear", "linear(feature='favor')"]
-FAMILIES = {decode.KVCacheDecoder: "KV cache",
-            decode.PatternDecoder: "KV cache + pattern row",
-            decode.RingDecoder: "ring buffer",
-            decode.RecurrentDecoder: "recurrent state"}
+
+
+def _family(op, cache) -> str:
+  """The decode state of `op`, in words: its state's class, and for a KV
+  cache whether a pattern narrows the keys a query reads."""
+  name = type(cache.layers[0]).__name__
+  pattern = type(op).cache_rows is not AttentionOp.cache_rows
+  return {"KVCache": "KV cache + pattern row" if pattern else "KV cache",
+          "Ring": "ring buffer",
+          "RecurrentState": "recurrent state"}.get(name, name)
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset.")
 _QUICK = flags.DEFINE_bool("quick", False, "The smoke-test preset (same as "
@@ -73,11 +80,11 @@ def _median_seconds(fn, repeats):
 def measure(spec: str, length: int, p: dict) -> dict:
   """Decode tokens/s, decode-state bytes and recompute tokens/s of `spec`
   at context `length`."""
-  model = registry.get("model", "lm")(
+  model = registry.get("model", "lm")(layers.ModelConfig(
       vocab_size=VOCAB, seq_len=length, attention=spec, position="none",
       num_layers=p["num_layers"], embed_dim=p["embed_dim"],
       num_heads=p["num_heads"], num_kv_heads=p["num_heads"],
-      mlp_dim=p["mlp_dim"], rngs=nnx.Rngs(0))
+      mlp_dim=p["mlp_dim"]), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   steps = p["steps"]
   tokens_1xL = jax.random.randint(jax.random.key(1), (1, length), 0, VOCAB)
@@ -112,8 +119,7 @@ def measure(spec: str, length: int, p: dict) -> dict:
     times.append(time.perf_counter() - begin)
   decode_s = float(np.median(times[1:]))
   row = {"op": spec, "length": length,
-         "family": FAMILIES[type(decode.decoder(model.trunk.blocks[0]
-                                                .attention.op))],
+         "family": _family(model.trunk.blocks[0].attention.op, cache),
          "decode_tokens_per_s": steps / decode_s, "cache_bytes": cache_bytes,
          "recompute_tokens_per_s": None, "speedup": None}
   if length <= p["recompute_max_len"]:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from zoo import registry, sharding, train
+from zoo import layers, registry, sharding, train
 
 VOCAB = 256
 
@@ -48,14 +48,12 @@ class LmStep:
 
 
 def build(config) -> LmStep:
-  m = config.model
   t, b = config.data.seq_len, config.batch_size
+  model_config = layers.ModelConfig.from_config(config, vocab_size=VOCAB)
   model_cls = registry.get("model", "lm")
-  plan = train.Plan(task=None, model_fn=lambda: model_cls(
-      vocab_size=VOCAB, seq_len=t, attention=m.attention,
-      position=m.position, num_layers=m.num_layers, embed_dim=m.embed_dim,
-      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
-      mlp_dim=m.mlp_dim, rngs=nnx.Rngs(0)))
+  plan = train.Plan(task=None, model_config=model_config,
+                    model_fn=lambda: model_cls(model_config,
+                                               rngs=nnx.Rngs(0)))
   mesh = sharding.make_mesh(dict(config.mesh))
   rules = sharding.parse_rules(config.mesh.rules)
   s = train.setup(plan, mesh, rules, train.make_optimizer(config)[0])

@@ -28,7 +28,7 @@ from flax import nnx
 
 from configs import text
 from experiments import lm_step, report, timing
-from zoo import host_memory
+from zoo import host_memory, xla_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -106,7 +106,9 @@ def longest_fitting(rows, spec: str):
 
 def main(argv):
   del argv
-  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
+  # As the trainer runs (see zoo/xla_flags.py and zoo/host_memory.py).
+  xla_flags.apply()
+  host_memory.retain()
   f = flags.FLAGS
   quick = f.quick
   specs = ["standard", "blockwise", "local"] if quick else f.specs

@@ -46,7 +46,7 @@ from flax import nnx
 
 from configs import text
 from experiments import lm_step, report
-from zoo import host_memory
+from zoo import host_memory, xla_flags
 
 # (layers, width, heads, mlp, length, batch)
 SHAPES = {False: (4, 256, 4, 1024, 512, 8), True: (1, 32, 2, 64, 64, 2)}
@@ -280,7 +280,8 @@ def torch_model(config):
 def main(argv):
   del argv
   f = flags.FLAGS
-  # As the trainer runs (see zoo/host_memory.py).
+  # As the trainer runs (see zoo/xla_flags.py and zoo/host_memory.py).
+  xla_flags.apply()
   memory = ((host_memory.retain() or "host memory retained")
             if f.retain_host_memory else "host memory: glibc default")
   quick = f.quick

@@ -41,7 +41,7 @@ from flax import nnx
 
 from configs import default
 from experiments import grids, report
-from zoo import host_memory, metrics, registry, train
+from zoo import host_memory, metrics, registry, train, xla_flags
 from zoo.models import transformer
 
 DONE, FAILED = "DONE", "FAILED"
@@ -339,7 +339,9 @@ def sweep_command(grid: str, preset: str, out: str, cells: str) -> str:
 
 def main(argv):
   del argv
-  host_memory.retain()  # as the trainer runs (see zoo/host_memory.py)
+  # As the trainer runs (see zoo/xla_flags.py and zoo/host_memory.py).
+  xla_flags.apply()
+  host_memory.retain()
   quiet_orbax = train._quiet_orbax  # pylint: disable=protected-access
   logging.get_absl_handler().addFilter(quiet_orbax)
   f = flags.FLAGS

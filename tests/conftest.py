@@ -1,8 +1,22 @@
-"""Shared fixtures: a session-wide TFDS data dir and tiny training configs."""
+"""Shared fixtures: a session-wide TFDS data dir and tiny training configs.
+The session compiles as the trainer does (zoo/xla_flags.py), and so do the
+subprocesses it starts, which inherit XLA_FLAGS: a run killed in one process
+and resumed in another is compared bit for bit."""
+
+import os
 
 import pytest
 
 from configs import default
+from zoo import xla_flags
+
+xla_flags.apply()  # before any test starts jax's backend
+
+
+def xla_flags_with_devices(n: int) -> str:
+  """This session's XLA_FLAGS plus n fake CPU devices, for a subprocess."""
+  return " ".join([os.environ.get("XLA_FLAGS", ""),
+                   f"--xla_force_host_platform_device_count={n}"]).strip()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import optax
 from flax import nnx
 
 from zoo import registry
-from zoo.models.transformer import TransformerLM
+from zoo.models.transformer import ModelConfig, TransformerLM
 
 VOCAB, SEQ_LEN = 32, 16
 
@@ -20,10 +20,10 @@ class BridgedLM(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT):
-    lm = nnx.bridge.to_linen(
-        TransformerLM, vocab_size=VOCAB, seq_len=SEQ_LEN,
-        attention=self.attention, position="rope", num_layers=1,
-        embed_dim=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+    lm = nnx.bridge.to_linen(TransformerLM, ModelConfig(
+        vocab_size=VOCAB, seq_len=SEQ_LEN, attention=self.attention,
+        position="rope", num_layers=1, embed_dim=16, num_heads=2,
+        num_kv_heads=1, mlp_dim=32))
     return lm(tokens_BxT)
 
 

@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import xla_flags_with_devices
 from zoo import metrics, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,7 @@ def _run(worker, *args, devices=8, env=None):
           f"from tests import test_sharding as t; "
           f"print('RESULT', json.dumps(t.{worker}(*{list(args)!r})))")
   env = dict(os.environ, **(env or {}),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags_with_devices(devices))
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
@@ -195,7 +196,7 @@ def _free_port():
 
 def _two_processes(workdir, flags):
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with_devices(4))
   procs = [subprocess.Popen(
       [sys.executable, "-m", "zoo.train", "--config=configs/default.py",
        f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}",

@@ -34,9 +34,10 @@ KINDS = {
 
 _PARTS: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 
-# Parameters that callers supply (never set by a spec): NNX plumbing, and the
-# layer index a model gives each layer's attention op (`op.for_layer`).
-_CONTEXT = ("rngs", "dtype", "param_dtype", "layer")
+# Parameters that callers supply (never set by a spec): NNX plumbing, the
+# layer index a model gives each layer's attention op (`op.for_layer`) and
+# the training step it binds to ops that redraw (`op.at_step`).
+_CONTEXT = ("rngs", "dtype", "param_dtype", "layer", "step")
 
 # Length at which `python -m zoo.registry` reports each op's key budget.
 _BUDGET_LENGTH = 4096

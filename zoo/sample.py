@@ -2,7 +2,7 @@
 
 Loads the newest readable checkpoint of a byte-level text run (DIR/config.json
 says which model; `zoo.train.restore_model` reads it) and prints the prompt
-and its continuation, drawn by `zoo.decode.generate` (prefill, then one
+and its continuation, drawn by `zoo.sampling.generate` (prefill, then one
 compiled loop). `main` is a thin absl shell around `sample_bytes`; bad inputs
 (no run or checkpoint, a task other than text, a prompt the model cannot
 place, bad sampling values) get one line on stderr and exit code 2.
@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from zoo import decode, registry, train
+from zoo import registry, train
+from zoo.sampling import Sampling, generate
 
 
 class SampleError(ValueError):
@@ -51,7 +52,7 @@ def load(workdir: str):
 
 
 def sample_bytes(workdir: str, prompt: str, *, max_new_tokens: int,
-                 sampling: decode.Sampling, seed: int = 0) -> bytes:
+                 sampling: Sampling, seed: int = 0) -> bytes:
   """The prompt's UTF-8 bytes and their continuation, generation ending
   after the stop token."""
   prompt_P = list(prompt.encode("utf-8"))
@@ -59,7 +60,7 @@ def sample_bytes(workdir: str, prompt: str, *, max_new_tokens: int,
     raise SampleError("--prompt is empty; give at least one character")
   if max_new_tokens < 1:
     raise SampleError(f"--max_new_tokens={max_new_tokens} must be >= 1")
-  _, model, step = load(workdir)
+  _, model, _ = load(workdir)
   p, limit = len(prompt_P), model.trunk.position.max_length()
   if limit is not None and p > limit:
     raise SampleError(f"--prompt of {p} bytes is longer than the {limit} "
@@ -75,9 +76,9 @@ def sample_bytes(workdir: str, prompt: str, *, max_new_tokens: int,
                       f"value below {vocab}")
   if sampling.top_k > vocab:
     raise SampleError(f"--top_k={sampling.top_k} must be at most {vocab}")
-  tokens_1xN, lengths_1 = decode.generate(
+  tokens_1xN, lengths_1 = generate(
       model, jnp.asarray([prompt_P]), max_new_tokens=max_new_tokens,
-      sampling=sampling, seed=seed, step=jnp.int32(step))
+      sampling=sampling, seed=seed)
   new = jax.device_get(tokens_1xN)[0, :int(lengths_1[0])].tolist()
   return bytes(prompt_P + new)
 
@@ -123,9 +124,9 @@ def _parse_flags(argv):
 
 
 def _sampling(temperature: float, top_k: int, top_p: float,
-              stop_token: Optional[int]) -> decode.Sampling:
+              stop_token: Optional[int]) -> Sampling:
   try:
-    return decode.Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
+    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p,
                            stop_token=stop_token)
   except ValueError as e:
     raise SampleError(f"--{e}") from None

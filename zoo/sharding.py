@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
+BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB = LOGICAL_AXES
 
 # Default logical -> mesh rules (config.mesh.rules): batch over data and
 # fsdp, parameters' embed axis over fsdp (FSDP), heads, mlp and vocab over

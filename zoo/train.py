@@ -21,11 +21,10 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoo import checkpoint, host_memory, registry, sharding, supervise
+from zoo import (checkpoint, host_memory, layers, registry, sharding,
+                 supervise, xla_flags)
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class ConfigError(ValueError):
@@ -37,13 +36,8 @@ class Plan:
   """What a validated config resolves to."""
 
   task: Any
+  model_config: layers.ModelConfig
   model_fn: Any  # () -> nnx.Module
-
-
-def _dtype(key: str, value: str):
-  if value not in _DTYPES:
-    raise ConfigError(f"{key}={value!r}; valid: {', '.join(_DTYPES)}")
-  return _DTYPES[value]
 
 
 def plan(config, workdir: str | None = None) -> Plan:
@@ -63,10 +57,10 @@ def plan(config, workdir: str | None = None) -> Plan:
     registry.validate("position", m.position)
   except ValueError as e:
     raise ConfigError(f"model.position: {e}") from None
-  for key in ("num_layers", "num_heads", "num_kv_heads", "embed_dim",
-              "mlp_dim"):
-    if m[key] < 1:
-      raise ConfigError(f"model.{key}={m[key]} must be >= 1")
+  try:
+    model_config = layers.ModelConfig.from_config(config, **task.model_args)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   for key in ("num_train_steps", "batch_size", "log_every_steps",
               "eval_every_steps", "checkpoint_every_steps", "peer_timeout_s"):
     if config[key] < 1:
@@ -74,17 +68,10 @@ def plan(config, workdir: str | None = None) -> Plan:
   if config.lr_schedule not in SCHEDULES:
     raise ConfigError(f"lr_schedule={config.lr_schedule!r}; valid: "
                       f"{', '.join(SCHEDULES)}")
-  dtype = _dtype("model.dtype", m.dtype)
-  param_dtype = _dtype("model.param_dtype", m.param_dtype)
   model_cls = registry.get("model", task.model)
 
   def model_fn():
-    return model_cls(
-        **task.model_args, seq_len=config.data.seq_len,
-        attention=m.attention, position=m.position, num_layers=m.num_layers,
-        embed_dim=m.embed_dim, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads, mlp_dim=m.mlp_dim,
-        rngs=nnx.Rngs(config.seed), dtype=dtype, param_dtype=param_dtype)
+    return model_cls(model_config, rngs=nnx.Rngs(config.seed))
 
   try:
     abstract_model = nnx.eval_shape(model_fn)  # catches incompatible parts
@@ -109,7 +96,7 @@ def plan(config, workdir: str | None = None) -> Plan:
     sharding.parse_rules(config.mesh.rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  return Plan(task=task, model_fn=model_fn)
+  return Plan(task=task, model_config=model_config, model_fn=model_fn)
 
 
 # Learning rate after the linear warmup: cosine decay to a tenth of the
@@ -187,8 +174,8 @@ def _make_train_step(graphdef):
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
-    step = optimizer.step[...]
-    grad_fn = nnx.value_and_grad(lambda m: m.loss(batch, step), has_aux=True)
+    layers.set_training_step(model, optimizer.step[...])
+    grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
     (loss, metrics), grads = grad_fn(model)
     with jax.named_scope("finite_check"):
       grads_finite = jnp.stack([jnp.isfinite(g).all()
@@ -199,6 +186,8 @@ def _make_train_step(graphdef):
       model, optimizer = nnx.merge(graphdef, state)
       with jax.named_scope("optimizer"):
         optimizer.update(model, grads)
+      # Evaluation and sampling from this state use the step it reached.
+      layers.set_training_step(model, optimizer.step[...])
       return nnx.state((model, optimizer))
 
     # A branch, not a select over every leaf: the skipped update costs
@@ -212,10 +201,10 @@ def _make_train_step(graphdef):
 
 
 def _eval_step(graphdef, state, batch):
-  """Metrics of one eval batch at the state's training step (which picks
+  """Metrics of one eval batch (at the state's training step, which picks
   the draw of attention that redraws random features)."""
-  model, optimizer = nnx.merge(graphdef, state)
-  return model.loss(batch, optimizer.step[...])[1]
+  model, _ = nnx.merge(graphdef, state)
+  return model.loss(batch)[1]
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
@@ -430,7 +419,9 @@ def _quiet_orbax(record) -> bool:
 
 def main(argv):
   del argv
-  # Before jax starts its CPU backend (see zoo/host_memory.py).
+  # Before jax starts its CPU backend (see zoo/host_memory.py and
+  # zoo/xla_flags.py).
+  xla_flags.apply()
   if note := host_memory.retain():
     logging.info("%s", note)
   logging.get_absl_handler().addFilter(_quiet_orbax)

@@ -1,17 +1,16 @@
-"""XLA options every process that imports zoo runs with (set by
-`zoo/__init__.py`): the trainer, a resumed run, the sweep harness, the
-benchmarks and the tests compile the same programs, so a run resumed in
-another process stays bit-exact.
+"""XLA options the trainer, the sweep harness, the benchmarks and the tests
+run with, so that they compile the same programs (a run resumed in another
+process stays bit-exact) and the benchmarks time what the trainer runs.
 
-XLA:CPU in jax 0.10.2 hands reductions to YNNPACK fusions, which ran the
-linear-time attention ops 1.2-1.6x slower at length 8192 than XLA's own
-loops (causal forward+backward, batch 1, 4 heads: elu linear 0.150 ->
-0.106 s, local 0.225 -> 0.177 s, BigBird 0.445 -> 0.279 s, sparse 0.246 ->
-0.199 s), so that fusion type is turned off; dot fusions stay on. The LM
-train step at length 512 did not change measurably. Other platforms ignore
-the option. XLA reads XLA_FLAGS when jax creates its first backend: import
-zoo before any jax computation (or set the flag yourself); a flag already in
-XLA_FLAGS is left as the user set it.
+XLA:CPU in jax 0.10 hands reductions to YNNPACK fusions, which run the
+linear-time attention ops (linear, local, sparse, BigBird) slower at long
+lengths than XLA's own loops, so that fusion type is turned off; dot
+fusions stay on. Other platforms ignore the option. Measurements:
+experiments/results/attention_cost/RESULTS.md, "XLA:CPU flags".
+
+Importing zoo changes no flags. XLA reads XLA_FLAGS once, when jax creates
+its first backend: call `apply()` before the first jax computation (the
+mains here call it first thing), or set the flags yourself.
 """
 
 import os
@@ -19,8 +18,9 @@ import os
 DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "-reduce"}
 
 
-def set_defaults():
-  """Adds each default the user has not set to XLA_FLAGS."""
+def apply():
+  """Adds each default the user has not set to XLA_FLAGS; a flag already
+  there is left as the user set it."""
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f"--{name}={value}" for name, value in DEFAULTS.items()
            if f"--{name}=" not in current]

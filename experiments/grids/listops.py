@@ -15,10 +15,10 @@ block with which a query sees at most KEYS[preset] keys
 answering the most common label (0) scores 16.5% on generated expressions
 of up to 128 tokens (3000 drawn); LRA's chance is about 17%.
 
-Sizing the CPU preset (single cells on the shared 2-core machine, load
-about 6): standard attention reached 0.44 eval accuracy after 1000 steps
-in 345 s; bigbird(block=3) 0.44 in 195 s. Estimated CPU preset wall time:
-about 70 minutes for the 18 cells at that load.
+The CPU preset's step count is sized so that standard attention learns
+past the majority label within a preset's CPU budget
+(experiments/grids/__init__.py); the sizing runs are in
+experiments/results/listops/RESULTS.md, "Notes from earlier runs".
 """
 
 from configs import listops as listops_config

@@ -14,36 +14,15 @@ linear attention see every earlier key. The MLP is 4x the width. Learning
 rate is an axis: each point reports the rate with the best mean over seeds
 (as Zoology keeps the best of its learning-rate sweep; the pick is made on
 the reported metric, alike for every variant). The CPU preset has one rate,
-the one the probes below found best.
+the one probes found best.
 
-Sizing the CPU preset (probes on the shared 2-core machine: standard
-attention, learned positions, 2 layers, batch 32, vocabulary 64, lr 3e-3
-unless said). MQAR is learned in a sharp transition, from 0.25 accuracy
-(4 pairs: guessing among the sequence's values) to near 1.0 within about
-100 steps, at a step that grows with length and pairs:
-- width 64, 4 pairs: length 16 reached 0.83 at step 200 and 0.99 at 250;
-  length 32 0.99 at 300; length 64 sat at 0.25 until 300, 0.88 at 400, 1.0
-  by 600; length 128 sat at 0.25 until 600, 0.98 at 800 (with rope instead
-  of learned positions: still 0.24 at 600). 2 pairs at length 16: 0.95 at
-  200.
-- lr 1e-2 (width 64, length 64): still 0.25 after 500 steps.
-- 8 pairs: the recipe measured before these probes (lr 1e-3, vocabulary
-  128, length 128) sits at 0.12-0.13, the 1/8 of guessing among 8 values,
-  after 1000-1500 steps; at lr 3e-3 it stayed at 0.12-0.13 through 1500
-  steps; at length 64 (vocabulary 64) 0.13 after 800.
-- width 16, length 64, 4 pairs: 0.22 after 600 steps.
-Throughput (2 layers, batch 32, machine shared with other jobs): width 64
-at about 20 steps/s at length 32, 12-15 at 64, 7 at 128; width 16 at 34
-steps/s at length 64. So the CPU preset keeps 4 pairs (more pairs do not
-clear the transition in CPU time) at lengths 16-64, with 300-700 steps:
-length 128 alone would need about 2 minutes per cell, 54 cells per panel.
-The costliest CPU cells (length 64, width 64, 700 steps) took 165 s each
-at load about 6 (standard: 0.996 accuracy; bigbird(block=1): 0.24;
-linear(feature='favor'): 0.25). Estimated CPU preset wall time: about 80
-minutes on a quiet 2-core machine (the default config runs 10.5 steps/s
-there), about 2.5 hours at load 6 (per cell: steps over the measured
-throughput plus about 10 s of compilation, data and checkpoints; 162
-cells, seeds 1 and 2 reusing seed 0's compiled programs).
+MQAR is learned in a sharp transition, from chance (guessing among the
+sequence's values) to near 1.0, at a step that grows with length and with
+the number of pairs. The CPU preset therefore keeps 4 pairs at lengths
+16-64 with 300-700 steps, where standard attention clears the transition
+in CPU time; more pairs or length 128 would not. The probes and the sizing
+figures behind these choices are in experiments/results/mqar/RESULTS.md,
+"Notes from earlier runs".
 """
 
 from configs import default

@@ -18,11 +18,9 @@ speed (its median logged window without an evaluation), leaving out
 compilation and evaluation; on a shared machine it carries the other
 jobs' noise, which the intervals over seeds show.
 
-Sizing the CPU preset (single cells on tinyshakespeare, shared 2-core
-machine at load about 4): standard and bigbird(block=5) attention with
-sinusoidal positions ran 800 steps in 190 and 195 s, reaching 3.06 and
-3.00 eval bits per byte (still falling). At 640 steps the 33 cells take
-an estimated 85 minutes at that load.
+The CPU preset's step count is sized to a preset's CPU budget
+(experiments/grids/__init__.py); the sizing runs are in
+experiments/results/text/RESULTS.md, "Notes from earlier runs".
 """
 
 from configs import text as text_config

@@ -12,7 +12,7 @@ from attention_reference import (alibi, assert_bf16_close_to_fp32,
                                  assert_causal, assert_matches_dense,
                                  random_qkv)
 from zoo import registry
-from zoo.attention import fused_cpu, kernels
+from zoo.attention.kernels import fused_cpu, placement
 
 # The XLA form, in blocks small enough to span several (the default on CPU
 # runs the fused kernel wherever it applies).
@@ -173,7 +173,7 @@ def test_fused_refuses_calls_it_cannot_take():
 def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch):
   reason = "the fused CPU attention kernel could not be built: no compiler"
   monkeypatch.setattr(fused_cpu, "unavailable", lambda: reason)
-  monkeypatch.setattr(kernels, "_WARNED", set())
+  monkeypatch.setattr(placement, "_WARNED", set())
   warnings = []
   monkeypatch.setattr(logging, "warning", warnings.append)
   assert "zoo_attention_forward" not in _lowered("blockwise")

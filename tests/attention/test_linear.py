@@ -13,7 +13,7 @@ import pytest
 from absl import logging
 
 from zoo import registry
-from zoo.attention import fused_cpu, kernels
+from zoo.attention.kernels import fused_cpu, placement
 
 B, T, H, G, D = 2, 13, 4, 2, 8
 # The causal forms: 'xla' and, where the kernel builds, 'fused'.
@@ -414,7 +414,7 @@ def test_fused_refuses_calls_it_cannot_take():
 def test_unbuildable_kernel_falls_back_with_a_warning(monkeypatch):
   reason = "the fused CPU attention kernel could not be built: no compiler"
   monkeypatch.setattr(fused_cpu, "unavailable", lambda: reason)
-  monkeypatch.setattr(kernels, "_WARNED", set())
+  monkeypatch.setattr(placement, "_WARNED", set())
   warnings = []
   monkeypatch.setattr(logging, "warning", warnings.append)
   assert "zoo_linear_forward" not in _lowered("linear")

@@ -8,14 +8,15 @@ import pytest
 from flax import nnx
 
 from zoo import registry
-from zoo.models.transformer import Trunk, parameter_counts
+from zoo.models.transformer import ModelConfig, Trunk, parameter_counts
 
 
 def trunk(position, causal=False, attention="standard"):
-  return Trunk(vocab_size=50, seq_len=12, causal=causal, attention=attention,
-               position=position, num_layers=2, embed_dim=32, num_heads=4,
-               num_kv_heads=2, mlp_dim=64, rngs=nnx.Rngs(0), dtype=jnp.float32,
-               param_dtype=jnp.float32)
+  return Trunk(ModelConfig(vocab_size=50, seq_len=12, attention=attention,
+                           position=position, num_layers=2, embed_dim=32,
+                           num_heads=4, num_kv_heads=2, mlp_dim=64,
+                           dtype="float32", param_dtype="float32"),
+               causal=causal, rngs=nnx.Rngs(0))
 
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 12), 0, 50)
@@ -40,9 +41,9 @@ def test_absolute_position_breaks_equivariance(position):
 
 
 def test_lm_is_causal():
-  model = registry.get("model", "lm")(
+  model = registry.get("model", "lm")(ModelConfig(
       vocab_size=50, seq_len=12, attention="xla", position="learned",
-      num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=1, mlp_dim=64,
+      num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=1, mlp_dim=64),
       rngs=nnx.Rngs(0))
   changed = TOKENS.at[:, 7:].set(3)
   np.testing.assert_allclose(model(changed)[:, :7], model(TOKENS)[:, :7],
@@ -51,10 +52,10 @@ def test_lm_is_causal():
 
 
 def test_classifier_ignores_padding():
-  model = registry.get("model", "classifier")(
+  model = registry.get("model", "classifier")(ModelConfig(
       vocab_size=50, num_classes=3, seq_len=12, attention="standard",
       position="sinusoidal", num_layers=1, embed_dim=32, num_heads=4,
-      num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0))
+      num_kv_heads=4, mlp_dim=64), rngs=nnx.Rngs(0))
   mask = jnp.arange(12)[None, :] < jnp.array([[12], [8]])
   other = TOKENS.at[1, 8:].set(7)
   np.testing.assert_allclose(model(other, mask)[1], model(TOKENS, mask)[1],
@@ -63,10 +64,11 @@ def test_classifier_ignores_padding():
 
 
 def test_dtype_and_param_dtype_are_honoured():
-  model = Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
-                position="learned", num_layers=1, embed_dim=32, num_heads=4,
-                num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0),
-                dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  model = Trunk(ModelConfig(vocab_size=50, seq_len=12, attention="standard",
+                            position="learned", num_layers=1, embed_dim=32,
+                            num_heads=4, num_kv_heads=4, mlp_dim=64,
+                            dtype="bfloat16", param_dtype="bfloat16"),
+                causal=True, rngs=nnx.Rngs(0))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.bfloat16 for p in params)
   assert model(TOKENS).dtype == jnp.bfloat16
@@ -83,32 +85,33 @@ def test_parameters_carry_logical_axes():
 def test_bad_head_counts_are_refused():
   with pytest.raises(ValueError, match="embed_dim=30 must be divisible by "
                      "model.num_heads=4"):
-    Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
-          position="none", num_layers=1, embed_dim=30, num_heads=4,
-          num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0), dtype=jnp.float32,
-          param_dtype=jnp.float32)
+    Trunk(ModelConfig(vocab_size=50, seq_len=12, attention="standard",
+                      position="none", num_layers=1, embed_dim=30,
+                      num_heads=4, num_kv_heads=4, mlp_dim=64,
+                      dtype="float32", param_dtype="float32"),
+          causal=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="num_heads=4 must be divisible by "
                      "model.num_kv_heads=3"):
-    trunk_args = dict(vocab_size=50, seq_len=12, causal=True,
-                      attention="standard", position="none", num_layers=1,
-                      embed_dim=32, num_heads=4, num_kv_heads=3, mlp_dim=64,
-                      rngs=nnx.Rngs(0), dtype=jnp.float32,
-                      param_dtype=jnp.float32)
-    Trunk(**trunk_args)
+    config_args = dict(vocab_size=50, seq_len=12, attention="standard",
+                       position="none", num_layers=1, embed_dim=32,
+                       num_heads=4, num_kv_heads=3, mlp_dim=64,
+                       dtype="float32", param_dtype="float32")
+    Trunk(ModelConfig(**config_args), causal=True, rngs=nnx.Rngs(0))
 
 
 def test_learned_table_shorter_than_sequence_is_refused():
   with pytest.raises(ValueError, match=r"learned\(max_len=8\) is shorter"):
-    Trunk(vocab_size=50, seq_len=12, causal=True, attention="standard",
-          position="learned(max_len=8)", num_layers=1, embed_dim=32,
-          num_heads=4, num_kv_heads=4, mlp_dim=64, rngs=nnx.Rngs(0),
-          dtype=jnp.float32, param_dtype=jnp.float32)
+    Trunk(ModelConfig(vocab_size=50, seq_len=12, attention="standard",
+                      position="learned(max_len=8)", num_layers=1,
+                      embed_dim=32, num_heads=4, num_kv_heads=4, mlp_dim=64,
+                      dtype="float32", param_dtype="float32"),
+          causal=True, rngs=nnx.Rngs(0))
 
 
 def test_learned_positions_start_at_the_token_embeddings_scale():
-  model = registry.get("model", "lm")(
+  model = registry.get("model", "lm")(ModelConfig(
       vocab_size=512, seq_len=256, attention="standard", position="learned",
-      num_layers=1, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=64,
+      num_layers=1, embed_dim=64, num_heads=4, num_kv_heads=4, mlp_dim=64),
       rngs=nnx.Rngs(0))
   tokens = float(np.std(np.asarray(model.trunk.embed.embedding[...])))
   positions = float(np.std(np.asarray(model.trunk.position.table[...])))
@@ -122,9 +125,9 @@ def test_parameter_counts_by_hand():
   positions V*D, D*V and 12*D."""
   d, h, g, k, f, v, t = 32, 4, 2, 8, 48, 50, 12
   block = d * h * k + 2 * d * g * k + h * k * d + 2 * d * f + 2 * d
-  model = nnx.eval_shape(lambda: registry.get("model", "lm")(
+  model = nnx.eval_shape(lambda: registry.get("model", "lm")(ModelConfig(
       vocab_size=v, seq_len=t, attention="standard", position="learned",
-      num_layers=2, embed_dim=d, num_heads=h, num_kv_heads=g, mlp_dim=f,
+      num_layers=2, embed_dim=d, num_heads=h, num_kv_heads=g, mlp_dim=f),
       rngs=nnx.Rngs(0)))
   counts = parameter_counts(model)
   assert counts["non_embedding"] == 2 * block + d
@@ -132,10 +135,10 @@ def test_parameter_counts_by_hand():
 
 
 def test_each_layer_draws_its_own_random_structure():
-  model = registry.get("model", "lm")(
+  model = registry.get("model", "lm")(ModelConfig(
       vocab_size=16, seq_len=16, attention="bigbird(block=2)",
       position="none", num_layers=2, embed_dim=16, num_heads=2,
-      num_kv_heads=2, mlp_dim=16, rngs=nnx.Rngs(0))
+      num_kv_heads=2, mlp_dim=16), rngs=nnx.Rngs(0))
   ops = [block.attention.op for block in model.trunk.blocks]
   assert [op.layer for op in ops] == [0, 1]
   assert (ops[0].block_layout(8, True, 2) != ops[1].block_layout(8, True, 2)

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from zoo import registry
-from zoo.models.transformer import Trunk
+from zoo.models.transformer import ModelConfig, Trunk
 
 SEQ_LEN, VOCAB = 16, 16
 
@@ -32,10 +32,10 @@ def attention_spec(name: str) -> str:
 
 
 def lm(attention: str, position: str):
-  return registry.get("model", "lm")(
+  return registry.get("model", "lm")(ModelConfig(
       vocab_size=VOCAB, seq_len=SEQ_LEN, attention=attention,
       position=position, num_layers=1, embed_dim=16, num_heads=2,
-      num_kv_heads=2, mlp_dim=32, rngs=nnx.Rngs(0))
+      num_kv_heads=2, mlp_dim=32), rngs=nnx.Rngs(0))
 
 
 # Compile fast rather than run fast: each program runs three tiny steps.
@@ -116,10 +116,12 @@ def test_rotary_is_refused_by_elu_and_taken_by_favor():
 @pytest.mark.parametrize("position", ["rope", "alibi", "t5",
                                       "t5(bidirectional=True)"])
 def test_relative_positions_break_permutation_equivariance(position):
-  model = Trunk(vocab_size=VOCAB, seq_len=SEQ_LEN, causal=False,
-                attention="standard", position=position, num_layers=2,
-                embed_dim=16, num_heads=2, num_kv_heads=2, mlp_dim=32,
-                rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+  model = Trunk(ModelConfig(vocab_size=VOCAB, seq_len=SEQ_LEN,
+                            attention="standard", position=position,
+                            num_layers=2, embed_dim=16, num_heads=2,
+                            num_kv_heads=2, mlp_dim=32, dtype="float32",
+                            param_dtype="float32"),
+                causal=False, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, SEQ_LEN), 0, VOCAB)
   perm = np.random.default_rng(0).permutation(SEQ_LEN)
   diff = jnp.abs(model(tokens[:, perm]) - model(tokens)[:, perm]).max()

@@ -10,16 +10,34 @@ An op is a frozen dataclass whose fields are its spec arguments, called as
   real) or, for ops with `full_mask`, BxTxS.
 - `bias`: a callable (q_pos_T, k_pos_S) -> HxTxS of additive logits, so ops
   that visit blocks evaluate it only on the blocks they visit.
-- `step`: the training step (a scalar array), for ops whose random features
-  are redrawn during training (FAVOR+ with `redraw_every`); others ignore it.
 Logits and softmax are computed in fp32; the output has q's dtype. A query
 with no key to attend to gets a zero output.
 
 Ops with random structure (BigBird's random blocks, FAVOR+'s projections)
 draw it per layer and per head: the model builds layer i's op with
-`op.for_layer(i)`. Every op states its pattern (`allows`, `pattern_mask`)
-and its key budget (`keys_per_query`), so experiments compare variants at
-equal budgets.
+`op.for_layer(i)`; ops that redraw during training (`redraws`) are bound
+to the step with `op.at_step(step)`. Every op states its pattern (`allows`,
+`pattern_mask`) and its key budget (`keys_per_query`), so experiments
+compare variants at equal budgets.
+
+Decoding is part of the contract: an op owns its decode state, a pytree
+whose leaves are laid out batch x kv heads x ... (so a layer can shard any
+op's state the same way):
+
+    state = op.init_state(batch, capacity, kv_heads, head_dim, dtype)
+    out_BxTxHxK, state = op.prefill(state, q, k, v, index=index, bias=bias)
+    out_BxHxK, state = op.decode_step(state, q_BxHxK, k_BxGxK, v_BxGxK,
+                                      index=index, bias=bias)
+
+`prefill` takes T >= 1 new tokens at positions index..index+T-1 and
+continues whatever the state holds (a prompt prefilled in chunks, a second
+turn), equal to the causal forward pass over the whole sequence; `index`
+is a traced int32 scalar, or the Python int 0 when the state is known to
+be empty, which lets an op run its training form on the prompt. The bias
+callable takes absolute positions. The base class is softmax attention over
+a KV cache of fixed capacity (`KVCache`); a pattern op narrows the keys a
+query sees with `cache_rows`; other families override the three methods.
+`state_size` reports the state's floats per layer at a length.
 """
 
 import dataclasses
@@ -28,6 +46,7 @@ from typing import Callable, ClassVar, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 Bias = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -42,11 +61,13 @@ class AttentionOp:
   positions: ClassVar[frozenset] = frozenset(POSITION_KINDS)
   full_mask: ClassVar[bool] = False
 
+  # Whether the op redraws random structure during training and so must be
+  # bound to the training step (`at_step`).
+  redraws: ClassVar[bool] = False
+
   def __call__(self, q, k, v, *, causal: bool = False,
                mask: Optional[jax.Array] = None,
-               bias: Optional[Bias] = None,
-               step: Optional[jax.Array] = None) -> jax.Array:
-    del step  # only ops with redrawn random features use it
+               bias: Optional[Bias] = None) -> jax.Array:
     self.check(q, k, v, mask, bias)
     return self.attend(q, k, v, causal=causal, mask=mask, bias=bias)
 
@@ -59,6 +80,69 @@ class AttentionOp:
     if any(f.name == "layer" for f in dataclasses.fields(self)):
       return dataclasses.replace(self, layer=layer)
     return self
+
+  def at_step(self, step) -> "AttentionOp":
+    """The op at training step `step` (a scalar array): ops that redraw
+    (`redraws`) pick their draw from it; the others are unchanged."""
+    del step
+    return self
+
+  def init_state(self, batch: int, capacity: int, kv_heads: int,
+                 head_dim: int, dtype) -> "KVCache":
+    """An empty decode state for up to `capacity` positions: by default a
+    KV cache of the kv heads (grouped-query attention caches G heads)."""
+    shape = (batch, kv_heads, capacity, head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def state_size(self, length: int, kv_heads: int, head_dim: int) -> int:
+    """Floats of decode state per layer and batch row at `length`
+    positions: a KV cache holds 2 x G x K per position."""
+    return 2 * kv_heads * head_dim * length
+
+  def cache_rows(self, positions_T, capacity: int, num_heads: int):
+    """1xTxC or HxTxC bool: the cached positions each query at
+    `positions_T` (traced) sees, itself included: the causal rows of
+    `allows` at the cache's capacity. Dense by default."""
+    del num_heads
+    return (jnp.arange(capacity)[None, :] <= positions_T[:, None])[None]
+
+  def prefill(self, state: "KVCache", q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *,
+              index, bias: Optional[Bias]):
+    """(out_BxTxHxK, state) of T new tokens at positions index.. (see the
+    module docstring). Into an empty cache (index the Python int 0) the op
+    itself runs on the prompt, so its outputs are the forward pass's;
+    otherwise the new queries attend the cache and each other."""
+    if isinstance(index, int) and index == 0:
+      out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
+    else:
+      out = self._attend_cache(state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
+                               index, bias)
+      k_BxTxGxK, v_BxTxGxK = after(out, k_BxTxGxK, v_BxTxGxK)
+    return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
+
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index,
+                  bias: Optional[Bias]):
+    """(out_BxHxK, state): the query at position `index` attends the state
+    and its own key, which the state then takes in."""
+    out_Bx1xHxK, state = self.prefill(
+        state, q_BxHxK[:, None], k_BxGxK[:, None], v_BxGxK[:, None],
+        index=jnp.asarray(index, jnp.int32), bias=bias)
+    return out_Bx1xHxK[:, 0], state
+
+  def _attend_cache(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, index,
+                    bias):
+    """New queries over the cache's positions < index and the new keys,
+    each within its `cache_rows`."""
+    c, h, t = state.k_BxGxCxK.shape[2], q_BxTxHxK.shape[2], q_BxTxHxK.shape[1]
+    positions_T = index + jnp.arange(t)
+    rows_xTxC = self.cache_rows(positions_T, c, h)
+    cached_C = jnp.arange(c)
+    new_xTxT = jax.lax.dynamic_slice_in_dim(
+        jnp.pad(rows_xTxC, [(0, 0), (0, 0), (0, t)]), index, t, axis=2)
+    return attend_with_cache(
+        q_BxTxHxK, state.k_BxGxCxK, state.v_BxGxCxK,
+        rows_xTxC & (cached_C < index), cached_C, k_BxTxGxK, v_BxTxGxK,
+        new_xTxT & np.tril(np.ones((t, t), bool)), positions_T, bias)
 
   def allows(self, i, j, *, t: int, causal: bool, num_heads: int):
     """Whether query position i sees key position j (self-attention of
@@ -124,3 +208,95 @@ def group_queries(q_BxTxHxK, kv_heads: int):
   """BxTxHxK -> BxTxGxRxK with R = H // G queries per kv head."""
   b, t, h, d = q_BxTxHxK.shape
   return q_BxTxHxK.reshape(b, t, kv_heads, h // kv_heads, d)
+
+
+@struct.dataclass
+class KVCache:
+  """Keys and values of positions 0..C-1, kv heads first so a step's
+  products read the cache in place (zeros where not yet written)."""
+
+  k_BxGxCxK: jax.Array
+  v_BxGxCxK: jax.Array
+
+  def write(self, k_BxTxGxK, v_BxTxGxK, index) -> "KVCache":
+    """The cache with T new keys and values at positions index.."""
+    put = lambda cache, x: jax.lax.dynamic_update_slice_in_dim(
+        cache, x.transpose(0, 2, 1, 3).astype(cache.dtype), index, axis=2)
+    return KVCache(put(self.k_BxGxCxK, k_BxTxGxK),
+                   put(self.v_BxGxCxK, v_BxTxGxK))
+
+
+# Queries per step when new tokens attend a cache: the logits held at once
+# are this many x (cache + new) per head, whatever the prompt's length.
+QUERY_CHUNK = 256
+
+
+def attend_with_cache(q_BxTxHxK, k_BxGxCxK, v_BxGxCxK, cached_xTxC,
+                      cached_pos_C, k_BxTxGxK, v_BxTxGxK, new_xTxT,
+                      positions_T, bias: Optional[Bias]):
+  """Softmax attention (fp32) of T new queries (at `positions_T`) over C
+  cached keys (at `cached_pos_C`) and the T new keys, the two parts merged
+  by their maxima. `cached_xTxC` and `new_xTxT` (leading axis 1 or H) mark
+  the keys each query sees; a query with none gets zeros. Queries run
+  QUERY_CHUNK at a time, so memory does not grow as T x T."""
+  b, t, h, d = q_BxTxHxK.shape
+  g, c = k_BxGxCxK.shape[1], k_BxGxCxK.shape[2]
+  r = h // g
+  chunk = min(t, QUERY_CHUNK)
+  n = -(-t // chunk)
+  pad = n * chunk - t
+  k_new_BxGxTxK = k_BxTxGxK.transpose(0, 2, 1, 3).astype(jnp.float32)
+  v_new_BxGxTxK = v_BxTxGxK.transpose(0, 2, 1, 3).astype(jnp.float32)
+  k_BxGxCxK = k_BxGxCxK.astype(jnp.float32)
+  v_BxGxCxK = v_BxGxCxK.astype(jnp.float32)
+
+  def split(x, axis):
+    x = jnp.pad(x, [(0, 0)] * axis + [(0, pad)] + [(0, 0)] * (x.ndim - axis - 1))
+    return jnp.moveaxis(x.reshape(*x.shape[:axis], n, chunk,
+                                  *x.shape[axis + 1:]), axis, 0)
+
+  def one(xs):
+    q_BxQxHxK, cached_xQxC, new_xQxT, pos_Q = xs
+    q_BxGxRxQxK = q_BxQxHxK.reshape(b, chunk, g, r, d).transpose(
+        0, 2, 3, 1, 4).astype(jnp.float32) / np.sqrt(d)
+    cached_BxGxRxQxC = jnp.einsum("bgrqd,bgcd->bgrqc", q_BxGxRxQxK, k_BxGxCxK)
+    new_BxGxRxQxT = jnp.einsum("bgrqd,bgtd->bgrqt", q_BxGxRxQxK,
+                               k_new_BxGxTxK)
+    if bias is not None:
+      cached_BxGxRxQxC += bias(pos_Q, cached_pos_C).astype(
+          jnp.float32).reshape(g, r, chunk, c)
+      new_BxGxRxQxT += bias(pos_Q, positions_T).astype(jnp.float32).reshape(
+          g, r, chunk, t)
+    by_head = lambda m, k: jnp.broadcast_to(m, (h, chunk, k)).reshape(
+        g, r, chunk, k)
+    cached_BxGxRxQxC = jnp.where(by_head(cached_xQxC, c), cached_BxGxRxQxC,
+                                 -jnp.inf)
+    new_BxGxRxQxT = jnp.where(by_head(new_xQxT, t), new_BxGxRxQxT, -jnp.inf)
+    top = jnp.maximum(cached_BxGxRxQxC.max(-1), new_BxGxRxQxT.max(-1))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)[..., None]
+    w_cached = jnp.exp(cached_BxGxRxQxC - top)
+    w_new = jnp.exp(new_BxGxRxQxT - top)
+    total_BxGxRxQ = w_cached.sum(-1) + w_new.sum(-1)
+    out_BxGxRxQxK = (jnp.einsum("bgrqc,bgcd->bgrqd", w_cached, v_BxGxCxK)
+                     + jnp.einsum("bgrqt,bgtd->bgrqd", w_new, v_new_BxGxTxK))
+    out_BxGxRxQxK /= jnp.where(total_BxGxRxQ > 0, total_BxGxRxQ,
+                               1.0)[..., None]
+    return out_BxGxRxQxK.transpose(0, 3, 1, 2, 4).reshape(b, chunk, h, d)
+
+  xs = (split(q_BxTxHxK, 1), split(cached_xTxC, 1), split(new_xTxT, 1),
+        split(positions_T, 0))
+  if n == 1:
+    out_NxBxQxHxK = one(jax.tree.map(lambda x: x[0], xs))[None]
+  else:
+    out_NxBxQxHxK = jax.lax.map(one, xs)
+  out_BxTxHxK = jnp.moveaxis(out_NxBxQxHxK, 0, 1).reshape(b, n * chunk, h, d)
+  return out_BxTxHxK[:, :t].astype(q_BxTxHxK.dtype)
+
+
+def after(out, *xs):
+  """`xs` made to depend on the attention output `out` (plus 0 times one of
+  its elements; XLA keeps x + 0 * y for floats), so a state's write follows
+  its reads: XLA's copy insertion then updates the state in place instead
+  of copying it every step."""
+  zero = 0.0 * out.reshape(-1)[0].astype(jnp.float32)
+  return tuple((x.astype(jnp.float32) + zero).astype(x.dtype) for x in xs)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from zoo import registry
-from zoo.attention import fused_cpu, kernels
+from zoo.attention.kernels import fused_cpu, placement
 from zoo.attention.base import AttentionOp, group_queries
 
 @registry.register("attention", "blockwise")
@@ -57,7 +57,7 @@ class Blockwise(AttentionOp):
       def run(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, _):
         return fused_cpu.attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                    causal=causal)
-      return kernels.shard_heads(run, q, k, v).astype(q.dtype)
+      return placement.shard_heads(run, q, k, v).astype(q.dtype)
     b, t, h, d = q.shape
     s, g = k.shape[1], k.shape[2]
     bq, bk = min(self.block_q, t), min(self.block_k, s)

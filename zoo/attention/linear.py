@@ -11,8 +11,9 @@ as one C++ kernel (`fused_cpu.causal_linear`) that keeps each chunk's
 scores and the state in cache; the XLA form sends them through memory, and
 its time grew faster than length once its arrays left the L2 cache
 (`implementation` chooses).
-`step` is the same computation as a recurrence over that fixed-size state:
-the RNN view, for decoding. An additive position bias cannot enter a feature
+`decode_step` is the same computation as a recurrence over that fixed-size
+state (`RecurrentState`): the RNN view, for decoding; `prefill` runs the
+chunked form from a state and hands back its final state. An additive position bias cannot enter a feature
 map, so this op takes none.
 
 FAVOR+ stability (the Performer stabiliser, made causal). A key's features
@@ -28,14 +29,15 @@ key's own scale), so the normaliser stays positive.
 
 import dataclasses
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from zoo import registry
-from zoo.attention import fused_cpu, kernels
+from zoo.attention.kernels import fused_cpu, placement
 from zoo.attention.base import AttentionOp, group_queries
 
 _EPS = 1e-6  # added to FAVOR+ key features (relative to each key's largest)
@@ -90,7 +92,8 @@ class Linear(AttentionOp):
   F = num_features rows w of orthogonal Gaussian blocks, an unbiased
   estimate of the softmax kernel; the rows are drawn per layer and per kv
   head (`projection`), and with redraw_every = N > 0 redrawn every N
-  training steps, as the paper does (0, the default, keeps one draw).
+  training steps, as the paper does (0, the default, keeps one draw; the
+  model binds the step with `at_step`).
   num_features defaults to 256 (64 gives about 25% error against exact
   softmax on unit-scale inputs at head_dim 16). `chunk` is the causal chunk
   length of the XLA form. `implementation`: 'xla' (any device, masks),
@@ -112,6 +115,7 @@ class Linear(AttentionOp):
   seed: int = 0
   layer: int = 0
   implementation: str | None = None
+  step: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
     fused_cpu.check_implementation("linear", self.implementation)
@@ -136,11 +140,19 @@ class Linear(AttentionOp):
     """F, the size of phi(x) for head vectors of size head_dim."""
     return head_dim if self.feature == "elu" else self.num_features
 
-  def draw(self, step: Optional[jax.Array]):
-    """Which FAVOR+ draw a training step uses (0 without redraws)."""
-    if not self.redraw_every or step is None:
+  @property
+  def redraws(self) -> bool:
+    return self.redraw_every > 0
+
+  def at_step(self, step) -> "Linear":
+    return dataclasses.replace(self, step=step) if self.redraws else self
+
+  def draw(self):
+    """Which FAVOR+ draw the bound training step uses (0 without
+    redraws)."""
+    if not self.redraws or self.step is None:
       return 0
-    return step // self.redraw_every
+    return self.step // self.redraw_every
 
   def projection(self, head_dim: int, kv_heads: int, draw=0):
     """FAVOR+ rows GxFxK, one block per kv head, drawn from
@@ -186,21 +198,11 @@ class Linear(AttentionOp):
       return None
     return self.projection(head_dim, kv_heads, draw)
 
-  def __call__(self, q, k, v, *, causal: bool = False,
-               mask: Optional[jax.Array] = None, bias=None,
-               step: Optional[jax.Array] = None) -> jax.Array:
-    self.check(q, k, v, mask, bias)
-    return self._attend(q, k, v, causal=causal, mask=mask,
-                        draw=self.draw(step))
-
   def attend(self, q, k, v, *, causal, mask, bias):
     del bias  # refused by check
-    return self._attend(q, k, v, causal=causal, mask=mask, draw=0)
-
-  def _attend(self, q, k, v, *, causal, mask, draw):
     b, t, h, d = q.shape
     g = k.shape[2]
-    w_GxFxK = self._weights(d, g, draw)
+    w_GxFxK = self._weights(d, g, self.draw())
     phi_q_BxTxGxRxF = self.query_features(group_queries(q, g), w_GxFxK)
     phi_k_BxSxGxF, shift_BxSxG = self.key_features(k, w_GxFxK, mask)
     v_BxSxGxK = v.astype(jnp.float32)
@@ -208,12 +210,12 @@ class Linear(AttentionOp):
       def run(phi_q_BxTxHxF, phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK, _):
         return _normalise(*fused_cpu.causal_linear(
             phi_q_BxTxHxF, phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK))
-      out = kernels.shard_heads(
+      out = placement.shard_heads(
           run, phi_q_BxTxGxRxF.reshape(b, t, h, -1), phi_k_BxSxGxF,
           shift_BxSxG, v_BxSxGxK)
     elif causal:
-      out = self._causal(phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG,
-                         v_BxSxGxK)
+      out, _ = self._causal(phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG,
+                            v_BxSxGxK)
     else:
       state_BxGxFxK, z_BxGxF, _ = _state(phi_k_BxSxGxF, shift_BxSxG,
                                          v_BxSxGxK)
@@ -231,8 +233,11 @@ class Linear(AttentionOp):
         or (mask is not None and "a padding mask")
         or (q.shape[1] != k.shape[1] and "q_len != kv_len"))
 
-  def _causal(self, phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK):
-    """Chunked causal form; query i sits at key position S - T + i."""
+  def _causal(self, phi_q_BxTxGxRxF, phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK,
+              initial: Optional["RecurrentState"] = None):
+    """Chunked causal form; query i sits at key position S - T + i, after
+    the keys summed in `initial` (none by default). Returns (out, the
+    state after the last key)."""
     t, s = phi_q_BxTxGxRxF.shape[1], phi_k_BxSxGxF.shape[1]
     # Align the ends: extra leading queries (S > T) are dropped afterwards,
     # extra leading keys (T > S) are masked. Then pad the common length u to
@@ -255,11 +260,11 @@ class Linear(AttentionOp):
     local_max_BxNxCxG = jax.lax.cummax(shift_BxNxCxG, axis=2)
     chunk_max_BxNxG = local_max_BxNxCxG[:, :, -1]
     to_chunk_max = _rescale(shift_BxNxCxG, chunk_max_BxNxG[:, :, None])
-    (state_BxNxGxFxK, z_BxNxGxF, prev_max_BxNxG) = _before_each_chunk(
+    final, (state_BxNxGxFxK, z_BxNxGxF, prev_max_BxNxG) = _before_each_chunk(
         jnp.einsum("bncgf,bncg,bncgk->bngfk", phi_k_BxNxCxGxF, to_chunk_max,
                    v_BxNxCxGxK),
         jnp.einsum("bncgf,bncg->bngf", phi_k_BxNxCxGxF, to_chunk_max),
-        chunk_max_BxNxG)
+        chunk_max_BxNxG, initial)
     query_max_BxNxCxG = jnp.maximum(prev_max_BxNxG[:, :, None],
                                     local_max_BxNxCxG)
     # Inside a chunk: the quadratic form, lower-triangular, each key scaled
@@ -285,32 +290,45 @@ class Linear(AttentionOp):
     den_BxNxCxGxR += carry_BxNxCxGx1 * jnp.einsum(
         "bncgrf,bngf->bncgr", phi_q_BxNxCxGxRxF, z_BxNxGxF)
     out = _normalise(num_BxNxCxGxRxK, den_BxNxCxGxR)
-    return out.reshape(out.shape[0], n * c, *out.shape[3:])[:, u - t:u]
+    return (out.reshape(out.shape[0], n * c, *out.shape[3:])[:, u - t:u],
+            RecurrentState(*final))
 
-  def init_state(self, batch: int, kv_heads: int, head_dim: int):
-    """Empty recurrent state (S BxGxFxK, z BxGxF, running max BxG)."""
+  def init_state(self, batch, capacity, kv_heads, head_dim, dtype):
+    """Empty recurrent state (fp32 whatever `dtype`); its size does not
+    depend on `capacity`."""
+    del capacity, dtype
     f = self.feature_dim(head_dim)
-    return (jnp.zeros((batch, kv_heads, f, head_dim), jnp.float32),
-            jnp.zeros((batch, kv_heads, f), jnp.float32),
-            jnp.full((batch, kv_heads), -jnp.inf, jnp.float32))
+    return RecurrentState(
+        jnp.zeros((batch, kv_heads, f, head_dim), jnp.float32),
+        jnp.zeros((batch, kv_heads, f), jnp.float32),
+        jnp.full((batch, kv_heads), -jnp.inf, jnp.float32))
 
-  def prefill_state(self, k_BxSxGxK, v_BxSxGxK,
-                    mask_BxS: Optional[jax.Array] = None, step=None):
-    """The recurrent state after keys 0..S-1 (those `mask_BxS` keeps): what
-    S calls of `step` would leave, in one parallel pass."""
-    w_GxFxK = self._weights(k_BxSxGxK.shape[-1], k_BxSxGxK.shape[2],
-                            self.draw(step))
-    phi_k_BxSxGxF, shift_BxSxG = self.key_features(k_BxSxGxK, w_GxFxK,
-                                                   mask_BxS)
-    return _state(phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK.astype(jnp.float32))
+  def state_size(self, length, kv_heads, head_dim):
+    del length
+    f = self.feature_dim(head_dim)
+    return kv_heads * (f * head_dim + f + 1)
 
-  def step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, step=None):
-    """One causal decoding step: adds key t to the state, then attends query
-    t. Returns (state, out_BxHxK); the same output as the causal op."""
-    state_BxGxFxK, z_BxGxF, max_BxG = state
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+    """The chunked causal form started from `state`: (out, final state)."""
+    del index, bias  # no bias (refused when built)
+    b, t, h, d = q_BxTxHxK.shape
+    g = k_BxTxGxK.shape[2]
+    w_GxFxK = self._weights(d, g, self.draw())
+    phi_k_BxTxGxF, shift_BxTxG = self.key_features(k_BxTxGxK, w_GxFxK)
+    out, state = self._causal(
+        self.query_features(group_queries(q_BxTxHxK, g), w_GxFxK),
+        phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK.astype(jnp.float32), state)
+    return out.reshape(b, t, h, d).astype(q_BxTxHxK.dtype), state
+
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+    """One causal step: adds the key to the state, then attends the query;
+    the same output as the causal op."""
+    del index, bias
+    state_BxGxFxK, z_BxGxF, max_BxG = (state.s_BxGxFxK, state.z_BxGxF,
+                                       state.max_BxG)
     b, h, d = q_BxHxK.shape
     g = k_BxGxK.shape[1]
-    w_GxFxK = self._weights(d, g, self.draw(step))
+    w_GxFxK = self._weights(d, g, self.draw())
     phi_k_BxGxF, shift_BxG = self.key_features(k_BxGxK, w_GxFxK)
     new_max_BxG = jnp.maximum(max_BxG, shift_BxG)
     old_BxG, new_BxG = (_rescale(m, new_max_BxG) for m in (max_BxG,
@@ -324,8 +342,19 @@ class Linear(AttentionOp):
     out = _normalise(
         jnp.einsum("bgrf,bgfk->bgrk", phi_q_BxGxRxF, state_BxGxFxK),
         jnp.einsum("bgrf,bgf->bgr", phi_q_BxGxRxF, z_BxGxF))
-    return ((state_BxGxFxK, z_BxGxF, new_max_BxG),
-            out.reshape(b, h, d).astype(q_BxHxK.dtype))
+    return (out.reshape(b, h, d).astype(q_BxHxK.dtype),
+            RecurrentState(state_BxGxFxK, z_BxGxF, new_max_BxG))
+
+
+@struct.dataclass
+class RecurrentState:
+  """Linear attention's decode state: S = sum phi(k) v^T and z = sum phi(k)
+  over the keys so far, both scaled to the running maximum of the key
+  shifts (-inf before any key; see the module docstring)."""
+
+  s_BxGxFxK: jax.Array
+  z_BxGxF: jax.Array
+  max_BxG: jax.Array
 
 
 def _favor_logits(x, w_GxFxK, kv_axis: int):
@@ -354,11 +383,12 @@ def _state(phi_k_BxSxGxF, shift_BxSxG, v_BxSxGxK):
           jnp.einsum("bsgf,bsg->bgf", phi_k_BxSxGxF, scale_BxSxG), max_BxG)
 
 
-def _before_each_chunk(state_BxNxGxFxK, z_BxNxGxF, max_BxNxG):
+def _before_each_chunk(state_BxNxGxFxK, z_BxNxGxF, max_BxNxG, initial=None):
   """Given each chunk's state and normaliser scaled to its own maximum,
-  the running (state, normaliser, maximum) of the chunks before each chunk
-  (zero and -inf for the first): the carry of a lax.scan over chunks.
-  (jnp.cumsum lowers to a reduce-window, quadratic in N on CPU.)"""
+  the final (state, normaliser, maximum) and the running ones of the
+  chunks before each chunk (`initial`'s, or zero and -inf, for the first):
+  the carry of a lax.scan over chunks. (jnp.cumsum lowers to a
+  reduce-window, quadratic in N on CPU.)"""
 
   def add(carry, chunk):
     state, z, top = carry
@@ -370,7 +400,10 @@ def _before_each_chunk(state_BxNxGxFxK, z_BxNxGxF, max_BxNxG):
 
   xs = tuple(jnp.moveaxis(a, 1, 0)
              for a in (state_BxNxGxFxK, z_BxNxGxF, max_BxNxG))
-  init = (jnp.zeros_like(xs[0][0]), jnp.zeros_like(xs[1][0]),
-          jnp.full_like(xs[2][0], -jnp.inf))
-  _, before = jax.lax.scan(add, init, xs)
-  return tuple(jnp.moveaxis(a, 0, 1) for a in before)
+  if initial is None:
+    init = (jnp.zeros_like(xs[0][0]), jnp.zeros_like(xs[1][0]),
+            jnp.full_like(xs[2][0], -jnp.inf))
+  else:
+    init = (initial.s_BxGxFxK, initial.z_BxGxF, initial.max_BxG)
+  final, before = jax.lax.scan(add, init, xs)
+  return final, tuple(jnp.moveaxis(a, 0, 1) for a in before)

@@ -8,8 +8,11 @@ gives exactly the window below, equal to dense attention under that mask.
 The blocks run a few at a time (`jax.lax.map` in batches of about 512
 positions), so the working set is the same at any length and time stays
 linear past the CPU's caches (2048 -> 8192, `python -m
-experiments.attention_cost`: all blocks at once 1.11-1.22, in batches
-0.94-1.16 across runs on a shared machine).
+experiments.attention_cost`).
+
+Decoding keeps a ring buffer of the last `window` keys and values (`Ring`),
+position p in slot p % W, so memory stays constant however long the
+generation.
 
 Shapes: B batch, T length, H heads, G kv heads, R = H // G queries per kv
 head, K head dim, N blocks of C positions, L = 2C (causal) or 3C keys per
@@ -21,9 +24,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from zoo import registry
-from zoo.attention.base import AttentionOp, group_queries
+from zoo.attention.base import (AttentionOp, after, attend_with_cache,
+                                group_queries)
 
 _CHUNK = 512  # query positions per step of the block loop
 
@@ -48,6 +53,40 @@ class Local(AttentionOp):
     if causal:
       return ((i - j >= 0) & (i - j < self.window))[None]
     return (np.abs(i - j) <= self.window)[None]
+
+  def init_state(self, batch, capacity, kv_heads, head_dim, dtype):
+    shape = (batch, kv_heads, min(self.window, capacity), head_dim)
+    return Ring(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def state_size(self, length, kv_heads, head_dim):
+    return 2 * kv_heads * head_dim * min(self.window, length)
+
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+    """Into an empty ring (index the Python int 0) the op runs on the
+    prompt; otherwise the new queries attend the ring's keys within the
+    window and the new keys."""
+    t, w = q_BxTxHxK.shape[1], state.k_BxGxWxK.shape[2]
+    if isinstance(index, int) and index == 0:
+      out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
+    else:
+      positions_T = index + jnp.arange(t)
+      # Slot s holds the newest position < index congruent to s mod W.
+      held_W = index - 1 - (index - 1 - jnp.arange(w)) % w
+      cached_TxW = (held_W[None] >= 0) & (
+          positions_T[:, None] - held_W[None] < self.window)
+      gap_TxT = np.arange(t)[:, None] - np.arange(t)[None, :]
+      out = attend_with_cache(
+          q_BxTxHxK, state.k_BxGxWxK, state.v_BxGxWxK, cached_TxW[None],
+          held_W, k_BxTxGxK, v_BxTxGxK,
+          ((gap_TxT >= 0) & (gap_TxT < self.window))[None], positions_T, bias)
+      k_BxTxGxK, v_BxTxGxK = after(out, k_BxTxGxK, v_BxTxGxK)
+    return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
+
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+    out_Bx1xHxK, state = self.prefill(
+        state, q_BxHxK[:, None], k_BxGxK[:, None], v_BxGxK[:, None],
+        index=jnp.asarray(index, jnp.int32), bias=bias)
+    return out_Bx1xHxK[:, 0], state
 
   def attend(self, q, k, v, *, causal, mask, bias):
     b, t, h, d = q.shape
@@ -101,6 +140,35 @@ class Local(AttentionOp):
     out_NxBxCxGxRxK = jax.lax.map(block, xs, batch_size=max(1, _CHUNK // c))
     out_BxNxCxGxRxK = jnp.moveaxis(out_NxBxCxGxRxK, 0, 1)
     return out_BxNxCxGxRxK.reshape(b, n * c, h, d)[:, :t].astype(q.dtype)
+
+
+@struct.dataclass
+class Ring:
+  """The last W keys and values: slot s holds the newest position p with
+  p % W == s."""
+
+  k_BxGxWxK: jax.Array
+  v_BxGxWxK: jax.Array
+
+  def write(self, k_BxTxGxK, v_BxTxGxK, index) -> "Ring":
+    """The ring after T new keys and values at positions index..: the last
+    min(T, W) of them replace the slots of positions that leave the
+    window."""
+    t, w = k_BxTxGxK.shape[1], self.k_BxGxWxK.shape[2]
+    kept = np.arange(max(t - w, 0), t)
+    slots = (index + kept) % w
+
+    def put(ring_BxGxWxK, x_BxTxGxK):
+      new_BxGxMxK = x_BxTxGxK[:, kept].transpose(0, 2, 1, 3)
+      if t == 1:  # an update in place, as a decode step needs
+        return jax.lax.dynamic_update_slice_in_dim(
+            ring_BxGxWxK, new_BxGxMxK.astype(ring_BxGxWxK.dtype), slots[0],
+            axis=2)
+      return ring_BxGxWxK.at[:, :, slots].set(
+          new_BxGxMxK.astype(ring_BxGxWxK.dtype))
+
+    return Ring(put(self.k_BxGxWxK, k_BxTxGxK),
+                put(self.v_BxGxWxK, v_BxTxGxK))
 
 
 def _softmax(logits):

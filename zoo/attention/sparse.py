@@ -8,10 +8,18 @@ strided columns, summary positions, gathered blocks); each part gathers only
 the keys it covers, so every visible key is counted once, and the parts'
 softmax terms are merged by their maxima and sums as in blockwise attention.
 Cost grows with the keys a query sees, never with a dense T x S matrix. Both
-ops need q_len == kv_len. Both run all blocks at once: running them a few
-at a time (`jax.lax.map` in batches, as local attention does) made the
-strided pattern slower, and BigBird faster alone at batch 1 (0.28 -> 0.24 s
-at 8192) but 13-25% slower inside the LM at every length.
+ops need q_len == kv_len. Both run all blocks at once (running them a few
+at a time, as local attention does, was slower inside the LM; see
+experiments/results/attention_cost/RESULTS.md).
+
+Decoding keeps the base class's KV cache; a query at position p sees its
+row of the causal pattern at the cache's capacity C, `allows(p, j, t=C)`,
+held as an index of distinct tiles (no C x C array). Both patterns are
+prefix-consistent (row i depends only on i and the rows before it; BigBird
+draws row i's random blocks after the rows above), so the pattern at C
+agrees with the training length's on their common rows and prefill +
+decode equals the forward pass. Decoding reads the whole cache under the
+row: the budget saves training compute, not decode compute.
 """
 
 import dataclasses
@@ -152,6 +160,9 @@ class Sparse(AttentionOp):
       ok = (i // l == j // l) | (j % l >= l - self.summary)
     return (ok & (j <= i) if causal else ok)[None]
 
+  def cache_rows(self, positions_T, capacity, num_heads):
+    return pattern_rows(self, positions_T, capacity, num_heads)
+
   def attend(self, q, k, v, *, causal, mask, bias):
     q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
         "sparse", q, k, v, mask, self.block)
@@ -277,6 +288,9 @@ class BigBird(AttentionOp):
     ok = layout_HxNxN[:, i // l, j // l]
     return ok & (j <= i) if causal else ok
 
+  def cache_rows(self, positions_T, capacity, num_heads):
+    return pattern_rows(self, positions_T, capacity, num_heads)
+
   def attend(self, q, k, v, *, causal, mask, bias):
     q_BxNxLxGxRxK, k_BxNxLxGxK, v_BxNxLxGxK, valid_BxNxL = _to_blocks(
         "bigbird", q, k, v, mask, self.block)
@@ -369,3 +383,44 @@ def _bigbird_layout(op: BigBird, n: int, causal: bool, num_heads: int
       layout &= np.tri(n, dtype=bool)
   layouts.flags.writeable = False
   return layouts
+
+
+def pattern_rows(op: AttentionOp, positions_T, capacity: int, num_heads: int):
+  """1xTxC or HxTxC bool: the causal rows at `positions_T` (traced) of
+  `op`'s pattern at length `capacity`, gathered from `pattern_tiles`."""
+  index_HxNxN, tiles_UxLxL = pattern_tiles(op, capacity, num_heads, op.block)
+  l = tiles_UxLxL.shape[1]
+  ids_HxTxN = jnp.asarray(index_HxNxN)[:, positions_T // l]
+  rows_HxTxNxL = jnp.asarray(tiles_UxLxL)[ids_HxTxN,
+                                          (positions_T % l)[None, :, None]]
+  h, t = rows_HxTxNxL.shape[:2]
+  return rows_HxTxNxL.reshape(h, t, -1)[:, :, :capacity]
+
+
+@functools.lru_cache(maxsize=32)
+def pattern_tiles(op: AttentionOp, capacity: int, num_heads: int, tile: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """`op`'s causal pattern at length `capacity` as an index HxNxN (or 1xNxN
+  for a pattern shared by all heads; N = ceil(C / L) blocks of L = `tile`)
+  into U distinct LxL tiles, False beyond C. Evaluated from `op.allows` one
+  row of blocks at a time, so no CxC array is held."""
+  n = -(-capacity // tile)
+  keys_C = np.arange(capacity)
+  found, tiles, rows = {}, [], []
+  for block in range(n):
+    queries = np.arange(block * tile, min(block * tile + tile, capacity))
+    allowed = op.allows(queries[:, None], keys_C[None, :], t=capacity,
+                        causal=True, num_heads=num_heads)
+    h = allowed.shape[0]
+    padded_HxLxNL = np.zeros((h, tile, n * tile), bool)
+    padded_HxLxNL[:, :queries.size, :capacity] = allowed
+    tiles_HNxLL = padded_HxLxNL.reshape(h, tile, n, tile).transpose(
+        0, 2, 1, 3).reshape(h * n, tile * tile)
+    ids = np.empty(h * n, np.int32)
+    for i, packed in enumerate(np.packbits(tiles_HNxLL, axis=1)):
+      if packed.tobytes() not in found:
+        found[packed.tobytes()] = len(tiles)
+        tiles.append(tiles_HNxLL[i].reshape(tile, tile).copy())
+      ids[i] = found[packed.tobytes()]
+    rows.append(ids.reshape(h, n))
+  return np.stack(rows, axis=1), np.stack(tiles)

@@ -1,10 +1,14 @@
 """Decoder LM and encoder classifier: one trunk, attention and positions
-chosen by registry spec.
+chosen by registry spec, every size from one `ModelConfig`.
 
 Batches (numpy or jax arrays):
   lm:         inputs BxT int, targets BxT int, weights BxT float (loss only
               where weight > 0, e.g. MQAR answer positions)
   classifier: inputs BxT int, mask BxT bool (real tokens), label B int
+
+The LM decodes: `init_cache`, then `prefill` (T >= 1 tokens, into an empty
+cache or continuing one) and `decode_step` (one token), each layer through
+its attention op's own decode state (see zoo/attention/base.py).
 """
 
 from typing import Optional
@@ -12,48 +16,59 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
-from zoo import decode, registry
-from zoo.layers import TransformerBlock, build_attention_and_position, rms_norm
+from zoo import registry
+from zoo.layers import (ModelConfig, TransformerBlock,
+                        build_attention_and_position, rms_norm)
 from zoo.position.base import EMBED_STD
-from zoo.sharding import constrain, logical
+from zoo.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain, logical
+
+__all__ = ["Cache", "EncoderClassifier", "ModelConfig", "TransformerLM",
+           "Trunk", "parameter_counts"]
+
+
+@struct.dataclass
+class Cache:
+  """A decoder's decode state: the position of the next token, each
+  layer's state (its op's), the capacity, and whether nothing has been
+  written yet (`fresh`: a prompt into an empty cache runs each op's training
+  form). Capacity and freshness are static."""
+
+  index: jax.Array
+  layers: list
+  max_len: int = struct.field(pytree_node=False)
+  fresh: bool = struct.field(pytree_node=False, default=True)
 
 
 class Trunk(nnx.Module):
   """Token embedding, positions, a stack of blocks, final norm."""
 
-  def __init__(self, *, vocab_size: int, seq_len: int, causal: bool,
-               attention: str, position: str, num_layers: int, embed_dim: int,
-               num_heads: int, num_kv_heads: int, mlp_dim: int,
-               rngs: nnx.Rngs, dtype, param_dtype):
-    op, self.position = build_attention_and_position(
-        attention, position, embed_dim=embed_dim, num_heads=num_heads,
-        seq_len=seq_len, causal=causal, rngs=rngs, param_dtype=param_dtype)
+  def __init__(self, config: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
+    op, self.position = build_attention_and_position(config, causal=causal,
+                                                     rngs=rngs)
     self.embed = nnx.Embed(
-        vocab_size, embed_dim, dtype=dtype, param_dtype=param_dtype,
-        embedding_init=logical(nnx.initializers.normal(EMBED_STD), "vocab",
-                               "embed"),
+        config.vocab_size, config.embed_dim, dtype=config.compute_dtype,
+        param_dtype=config.parameter_dtype,
+        embedding_init=logical(nnx.initializers.normal(EMBED_STD), VOCAB,
+                               EMBED),
         rngs=rngs)
     self.blocks = nnx.List([
-        TransformerBlock(embed_dim=embed_dim, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, mlp_dim=mlp_dim,
-                         op=op.for_layer(i), causal=causal, rngs=rngs,
-                         dtype=dtype, param_dtype=param_dtype)
-        for i in range(num_layers)])
-    self.norm = rms_norm(embed_dim, rngs, dtype, param_dtype)
+        TransformerBlock(config, op.for_layer(i), causal=causal, rngs=rngs)
+        for i in range(config.num_layers)])
+    self.norm = rms_norm(config.embed_dim, rngs, config.compute_dtype,
+                         config.parameter_dtype)
 
-  def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None,
-               step: Optional[jax.Array] = None):
+  def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None):
     with jax.named_scope("embedding"):
       x_BxTxD = self.position.embed(self.embed(tokens_BxT))
-    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = constrain(x_BxTxD, (BATCH, LENGTH, EMBED))
     for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, self.position, mask_BxT, step)
+      x_BxTxD = block(x_BxTxD, self.position, mask_BxT)
     with jax.named_scope("norm"):
       return self.norm(x_BxTxD)
 
-  def init_cache(self, batch: int, max_len: int) -> decode.Cache:
+  def init_cache(self, batch: int, max_len: int) -> Cache:
     """An empty decode state for `batch` rows of up to `max_len` positions;
     refuses a length the positional encoding cannot place."""
     limit = self.position.max_length()
@@ -61,26 +76,33 @@ class Trunk(nnx.Module):
       raise ValueError(
           f"decoding max_len={max_len} exceeds the {limit} positions of "
           f"position {type(self.position).registry_name}")
-    return decode.Cache(
-        index=jnp.zeros((), jnp.int32), max_len=max_len,
-        layers=[block.attention.init_state(batch, max_len)
-                for block in self.blocks])
+    return Cache(index=jnp.zeros((), jnp.int32), max_len=max_len,
+                 layers=[block.attention.init_state(batch, max_len)
+                         for block in self.blocks])
 
-  def decode(self, tokens_BxT, cache: decode.Cache,
-             step: Optional[jax.Array] = None):
-    """Hidden states of T new tokens at positions cache.index.. (T > 1 only
-    into an empty cache) and the cache holding them."""
-    x_BxTxD = self.position.embed(self.embed(tokens_BxT), offset=cache.index,
+  def decode(self, tokens_BxT, cache: Cache):
+    """Hidden states of T new tokens at positions cache.index.. and the
+    cache holding them. Refuses (ValueError) to write past the capacity
+    when the index is known; under jit the overflowing rows are NaN."""
+    t = tokens_BxT.shape[1]
+    index = 0 if cache.fresh else cache.index
+    if not isinstance(index, jax.core.Tracer) and int(index) + t > cache.max_len:
+      first, last = int(index), int(index) + t - 1
+      where = f"position {first}" if t == 1 else f"positions {first}..{last}"
+      raise ValueError(
+          f"decoding {where} is past the cache's capacity max_len="
+          f"{cache.max_len}; build the cache with a larger max_len")
+    x_BxTxD = self.position.embed(self.embed(tokens_BxT), offset=index,
                                   max_len=cache.max_len)
-    x_BxTxD = constrain(x_BxTxD, ("batch", "length", "embed"))
+    x_BxTxD = constrain(x_BxTxD, (BATCH, LENGTH, EMBED))
     layers = []
     for block, state in zip(self.blocks, cache.layers):
-      x_BxTxD, state = block.decode(x_BxTxD, self.position, state,
-                                    cache.index, step)
+      x_BxTxD, state = block.decode(x_BxTxD, self.position, state, index)
       layers.append(state)
-    return self.norm(x_BxTxD), decode.Cache(
-        index=cache.index + tokens_BxT.shape[1], layers=layers,
-        max_len=cache.max_len)
+    room_T = index + jnp.arange(t) < cache.max_len
+    h_BxTxD = jnp.where(room_T[None, :, None], self.norm(x_BxTxD), jnp.nan)
+    return h_BxTxD, Cache(index=cache.index + t, layers=layers,
+                          max_len=cache.max_len, fresh=False)
 
 
 def parameter_counts(model) -> dict[str, int]:
@@ -97,50 +119,42 @@ def parameter_counts(model) -> dict[str, int]:
 class TransformerLM(nnx.Module):
   """Decoder-only causal language model with an untied output head."""
 
-  def __init__(self, *, vocab_size: int, seq_len: int, attention: str,
-               position: str, num_layers: int, embed_dim: int, num_heads: int,
-               num_kv_heads: int, mlp_dim: int, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    self.trunk = Trunk(
-        vocab_size=vocab_size, seq_len=seq_len, causal=True,
-        attention=attention, position=position, num_layers=num_layers,
-        embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        mlp_dim=mlp_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.head = nnx.Linear(embed_dim, vocab_size, use_bias=False, dtype=dtype,
-                           param_dtype=param_dtype,
-                           kernel_init=logical(nnx.initializers.lecun_normal(),
-                                               "embed", "vocab"), rngs=rngs)
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.trunk = Trunk(config, causal=True, rngs=rngs)
+    self.head = nnx.Linear(
+        config.embed_dim, config.vocab_size, use_bias=False,
+        dtype=config.compute_dtype, param_dtype=config.parameter_dtype,
+        kernel_init=logical(nnx.initializers.lecun_normal(), EMBED, VOCAB),
+        rngs=rngs)
 
-  def __call__(self, tokens_BxT, step: Optional[jax.Array] = None):
-    """BxT tokens -> BxTxV logits (fp32); `step` is the training step (for
-    attention that redraws random features)."""
-    h_BxTxD = self.trunk(tokens_BxT, step=step)
+  def __call__(self, tokens_BxT):
+    """BxT tokens -> BxTxV logits (fp32)."""
+    h_BxTxD = self.trunk(tokens_BxT)
     with jax.named_scope("head"):
       return self.head(h_BxTxD).astype(jnp.float32)
 
-  def init_cache(self, batch: int, max_len: int) -> decode.Cache:
-    """An empty decode state (per layer: KV cache, ring buffer or recurrent
-    state, by attention family; see zoo/decode.py) for up to `max_len`
-    positions."""
+  def init_cache(self, batch: int, max_len: int) -> Cache:
+    """An empty decode state (per layer, its attention op's: KV cache, ring
+    buffer, recurrent state...) for up to `max_len` positions."""
     return self.trunk.init_cache(batch, max_len)
 
-  def prefill(self, tokens_BxT, cache: decode.Cache,
-              step: Optional[jax.Array] = None):
-    """Logits BxTxV (fp32) of a prompt, as the forward pass gives them, and
-    `cache` (empty, from init_cache) holding it."""
-    h_BxTxD, cache = self.trunk.decode(tokens_BxT, cache, step)
+  def prefill(self, tokens_BxT, cache: Cache):
+    """Logits BxTxV (fp32) of T tokens at positions cache.index.., equal to
+    the forward pass over everything the cache holds and these tokens, and
+    the cache holding them: a prompt, a chunk of one, or the next turn."""
+    h_BxTxD, cache = self.trunk.decode(tokens_BxT, cache)
     return self.head(h_BxTxD).astype(jnp.float32), cache
 
-  def decode_step(self, tokens_B, cache: decode.Cache,
-                  step: Optional[jax.Array] = None):
+  def decode_step(self, tokens_B, cache: Cache):
     """Logits BxV (fp32) of one more token per row, at position
     cache.index (< max_len), and the cache holding it."""
-    h_Bx1xD, cache = self.trunk.decode(tokens_B[:, None], cache, step)
+    h_Bx1xD, cache = self.trunk.decode(tokens_B[:, None], cache)
     return self.head(h_Bx1xD[:, 0]).astype(jnp.float32), cache
 
-  def loss(self, batch, step: Optional[jax.Array] = None):
+  def loss(self, batch):
     """Weighted next-token cross-entropy and accuracy."""
-    logits_BxTxV = self(batch["inputs"], step)
+    logits_BxTxV = self(batch["inputs"])
     with jax.named_scope("loss"):
       weights_BxT = batch["weights"].astype(jnp.float32)
       xent_BxT = optax.softmax_cross_entropy_with_integer_labels(
@@ -154,33 +168,30 @@ class TransformerLM(nnx.Module):
 
 @registry.register("model", "classifier")
 class EncoderClassifier(nnx.Module):
-  """Bidirectional encoder, mean-pooled over real tokens, linear head."""
+  """Bidirectional encoder, mean-pooled over real tokens, linear head over
+  `config.num_classes`."""
 
-  def __init__(self, *, vocab_size: int, num_classes: int, seq_len: int,
-               attention: str, position: str, num_layers: int, embed_dim: int,
-               num_heads: int, num_kv_heads: int, mlp_dim: int,
-               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.trunk = Trunk(
-        vocab_size=vocab_size, seq_len=seq_len, causal=False,
-        attention=attention, position=position, num_layers=num_layers,
-        embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        mlp_dim=mlp_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.head = nnx.Linear(embed_dim, num_classes, dtype=dtype,
-                           param_dtype=param_dtype,
-                           kernel_init=logical(nnx.initializers.lecun_normal(),
-                                               "embed", None),
-                           bias_init=logical(nnx.initializers.zeros, None),
-                           rngs=rngs)
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if config.num_classes < 2:
+      raise ValueError(f"the classifier needs num_classes >= 2; got "
+                       f"{config.num_classes}")
+    self.config = config
+    self.trunk = Trunk(config, causal=False, rngs=rngs)
+    self.head = nnx.Linear(
+        config.embed_dim, config.num_classes, dtype=config.compute_dtype,
+        param_dtype=config.parameter_dtype,
+        kernel_init=logical(nnx.initializers.lecun_normal(), EMBED, None),
+        bias_init=logical(nnx.initializers.zeros, None), rngs=rngs)
 
-  def __call__(self, tokens_BxT, mask_BxT, step: Optional[jax.Array] = None):
+  def __call__(self, tokens_BxT, mask_BxT):
     """BxT tokens, BxT bool -> BxC logits (fp32)."""
-    h_BxTxD = self.trunk(tokens_BxT, mask_BxT, step)
+    h_BxTxD = self.trunk(tokens_BxT, mask_BxT)
     m_BxTx1 = mask_BxT[..., None].astype(h_BxTxD.dtype)
     pooled_BxD = (h_BxTxD * m_BxTx1).sum(1) / jnp.maximum(m_BxTx1.sum(1), 1)
     return self.head(pooled_BxD).astype(jnp.float32)
 
-  def loss(self, batch, step: Optional[jax.Array] = None):
-    logits_BxC = self(batch["inputs"], batch["mask"], step)
+  def loss(self, batch):
+    logits_BxC = self(batch["inputs"], batch["mask"])
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxC, batch["label"]).mean()
     accuracy = (jnp.argmax(logits_BxC, -1) == batch["label"]).mean()

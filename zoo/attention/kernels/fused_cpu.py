@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
-from zoo.attention import kernels
+from zoo.attention.kernels import placement
 
 SOURCE = pathlib.Path(__file__).with_name("fused_cpu.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
@@ -85,7 +85,7 @@ def use(op: str, implementation, takes: str, why: str | None) -> bool:
   if reason and implementation == "fused":
     raise ValueError(f"attention {op}(implementation='fused'): {reason}")
   if reason:
-    kernels.warn_once(f"attention {op}: {reason}; running the XLA form")
+    placement.warn_once(f"attention {op}: {reason}; running the XLA form")
   return not reason
 
 

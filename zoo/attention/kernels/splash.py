@@ -10,6 +10,10 @@ Where no kernel computes the pattern (a sparse pattern on GPU, any pattern on
 CPU, q_len != kv_len), the pattern op itself runs: the same function, blocked
 XLA, with a logged warning.
 
+Pallas is imported only where a kernel is built or run, so that importing
+the op (every `import zoo.attention` does) loads no Pallas: CPU programs
+never touch it.
+
 Shapes: B batch, T length (Tp padded to the kernel's blocks), H heads, G kv
 heads, K head dim.
 """
@@ -17,18 +21,15 @@ heads, K head dim.
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from zoo import registry
 from zoo.attention.base import AttentionOp
 from zoo.attention.dense import Xla
+from zoo.attention.kernels import placement
 
 # Ops whose pattern the kernels reproduce (softmax over a set of keys).
 PATTERNS = ("standard", "local", "sparse", "bigbird")
@@ -120,6 +121,29 @@ class Splash(AttentionOp):
   def keys_per_query(self, t, causal, num_heads=1):
     return self.pattern.keys_per_query(t, causal, num_heads)
 
+  # Decoding: the pattern op's state and steps; a prompt into an empty state
+  # runs the splash op itself (the kernel where there is one).
+  def init_state(self, batch, capacity, kv_heads, head_dim, dtype):
+    return self.pattern.init_state(batch, capacity, kv_heads, head_dim,
+                                   dtype)
+
+  def state_size(self, length, kv_heads, head_dim):
+    return self.pattern.state_size(length, kv_heads, head_dim)
+
+  def cache_rows(self, positions_T, capacity, num_heads):
+    return self.pattern.cache_rows(positions_T, capacity, num_heads)
+
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+    if isinstance(index, int) and index == 0:
+      out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
+      return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
+    return self.pattern.prefill(state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
+                                index=index, bias=bias)
+
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+    return self.pattern.decode_step(state, q_BxHxK, k_BxGxK, v_BxGxK,
+                                    index=index, bias=bias)
+
   def attend(self, q, k, v, *, causal, mask, bias):
     del bias  # refused by `check`: not in `positions`
     kernel, note = choose(
@@ -127,7 +151,7 @@ class Splash(AttentionOp):
         registry.parse(self.like)[0], q.dtype, mask is not None,
         q.shape[1] == k.shape[1])
     if note:
-      warn_once(f"attention splash(like={self.like!r}): {note}")
+      placement.warn_once(f"attention splash(like={self.like!r}): {note}")
     if kernel == "splash":
       return self._splash(q, k, v, causal, mask)
     if kernel == "flash":
@@ -137,6 +161,7 @@ class Splash(AttentionOp):
     return self.pattern(q, k, v, causal=causal, mask=mask)
 
   def _splash(self, q, k, v, causal, mask):
+    from jax.experimental.pallas.ops.tpu import splash_attention
     b, t, h, d = q.shape
     g = k.shape[2]
     block = min(self.block_size, _round_up(t, LANES))
@@ -145,8 +170,8 @@ class Splash(AttentionOp):
     q_BxHxTxK, k_BxGxTxK, v_BxGxTxK = (
         _pad_length(x, tp).transpose(0, 2, 1, 3) for x in (scaled, k, v))
     valid_BxT = None if mask is None else _pad_length(mask, tp)
-    mesh, batch, heads = _mesh_axes(b, h)
-    shards = 1 if mesh is None else _size(mesh, heads)
+    mesh, batch, heads = placement.mesh_axes(b, h)
+    shards = 1 if mesh is None else placement.size(mesh, heads)
     kernel = _splash_kernel(self.pattern, t, tp, causal, h, block, shards,
                             self.interpret)
 
@@ -154,7 +179,7 @@ class Splash(AttentionOp):
       sinks_H = jnp.full((q_BxHxTxK.shape[1],), _SINK, jnp.float32)
 
       def one(q_HxTxK, k_GxTxK, v_GxTxK, valid_T):
-        segments = None if valid_T is None else splash.SegmentIds(
+        segments = None if valid_T is None else splash_attention.SegmentIds(
             q=jnp.ones(valid_T.shape, jnp.int32), kv=valid_T.astype(jnp.int32))
         return kernel(q_HxTxK, k_GxTxK, v_GxTxK, segment_ids=segments,
                       sinks=sinks_H)
@@ -178,6 +203,7 @@ class Splash(AttentionOp):
     return out_BxHxTxK.transpose(0, 2, 1, 3)[:, :t].astype(q.dtype)
 
   def _flash(self, q, k, v, causal):
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
     b, t, h, d = q.shape
     g = k.shape[2]
     # Triton blocks are powers of two; the default forward block is 128.
@@ -197,8 +223,8 @@ class Splash(AttentionOp):
           sm_scale=d**-0.5, causal=causal,
           interpret=self.interpret)
 
-    out_BxTxHxK = shard_heads(run, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK,
-                              segments_BxT=segments_BxT)
+    out_BxTxHxK = placement.shard_heads(
+        run, q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, segments_BxT=segments_BxT)
     return out_BxTxHxK[:, :t].astype(q.dtype)
 
 
@@ -236,45 +262,43 @@ def choose(implementation, platform, pattern, dtype, padded, square):
                      "sparse)")
 
 
-_WARNED = set()
+@functools.cache
+def _pattern_mask_class():
+  """The splash mask class of a pattern, made on first use: its base is
+  Pallas's, which importing this module must not load."""
+  from jax.experimental.pallas.ops.tpu import splash_attention
 
+  class PatternMask(splash_attention.Mask):
+    """One head of an op's pattern at length t, padded with False to Tp, as
+    a lazy splash mask: the kernel builder asks for blocks, which the op's
+    `allows` computes (no TxT array is held)."""
 
-def warn_once(message):
-  """Logs a fallback once per process (ops are traced once per layer)."""
-  if message not in _WARNED:
-    _WARNED.add(message)
-    logging.warning(message)
+    def __init__(self, op: AttentionOp, t: int, tp: int, causal: bool,
+                 num_heads: int, head: int):
+      self.key = (op, t, tp, causal, num_heads, head)
 
+    @property
+    def shape(self):
+      return self.key[2], self.key[2]
 
-class _PatternMask(splash.Mask):
-  """One head of an op's pattern at length t, padded with False to Tp, as
-  a lazy splash mask: the kernel builder asks for blocks, which the op's
-  `allows` computes (no TxT array is held)."""
+    def __getitem__(self, idx):
+      op, t, tp, causal, num_heads, head = self.key
+      rows, cols = (np.arange(tp)[s] for s in idx)
+      real_rows, real_cols = rows[rows < t], cols[cols < t]
+      out = np.zeros((rows.size, cols.size), bool)
+      allowed = op.allows(real_rows[:, None], real_cols[None, :], t=t,
+                          causal=causal, num_heads=num_heads)
+      out[:real_rows.size, :real_cols.size] = np.broadcast_to(
+          allowed, (len(allowed), real_rows.size, real_cols.size))[head]
+      return out
 
-  def __init__(self, op: AttentionOp, t: int, tp: int, causal: bool,
-               num_heads: int, head: int):
-    self.key = (op, t, tp, causal, num_heads, head)
+    def __eq__(self, other):
+      return isinstance(other, PatternMask) and self.key == other.key
 
-  @property
-  def shape(self):
-    return self.key[2], self.key[2]
+    def __hash__(self):
+      return hash(self.key)
 
-  def __getitem__(self, idx):
-    op, t, tp, causal, num_heads, head = self.key
-    rows, cols = (np.arange(tp)[s] for s in idx)
-    real_rows, real_cols = rows[rows < t], cols[cols < t]
-    out = np.zeros((rows.size, cols.size), bool)
-    allowed = op.allows(real_rows[:, None], real_cols[None, :], t=t,
-                        causal=causal, num_heads=num_heads)
-    out[:real_rows.size, :real_cols.size] = np.broadcast_to(
-        allowed, (len(allowed), real_rows.size, real_cols.size))[head]
-    return out
-
-  def __eq__(self, other):
-    return isinstance(other, _PatternMask) and self.key == other.key
-
-  def __hash__(self):
-    return hash(self.key)
+  return PatternMask
 
 
 @functools.lru_cache(maxsize=64)
@@ -282,63 +306,21 @@ def _splash_kernel(pattern, t, tp, causal, num_heads, block, head_shards,
                    interpret):
   """The splash kernel of `pattern` at length t padded to Tp (built once per
   layer, length and direction: the mask is processed on the host)."""
+  from jax.experimental.pallas.ops.tpu import splash_attention
+  pattern_mask = _pattern_mask_class()
   probe = pattern.allows(np.zeros((1, 1), int), np.zeros((1, 1), int), t=t,
                          causal=causal, num_heads=num_heads)
   per_head = probe.shape[0] > 1  # 1xIxJ: one pattern shared by all heads
-  masks = [_PatternMask(pattern, t, tp, causal, num_heads,
+  masks = [pattern_mask(pattern, t, tp, causal, num_heads,
                         head if per_head else 0) for head in range(num_heads)]
-  sizes = splash.BlockSizes(
+  sizes = splash_attention.BlockSizes(
       block_q=block, block_kv=block, block_kv_compute=block,
       block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
       block_q_dq=block, block_kv_dq=block)
   with jax.ensure_compile_time_eval():  # concrete mask arrays, reusable
-    return splash.make_splash_mha(
-        splash.MultiHeadMask(masks), block_sizes=sizes,
+    return splash_attention.make_splash_mha(
+        splash_attention.MultiHeadMask(masks), block_sizes=sizes,
         head_shards=head_shards, q_seq_shards=1, interpret=interpret)
-
-
-def shard_heads(run, q_BxTxHx_, *kv_BxTxGx_, segments_BxT=None):
-  """run(q, *kv, segments) -> out_BxTxHx_ for a kernel that XLA cannot
-  partition, given query-side q [B, T, H, ...] and kv-side arrays
-  [B, T, G, ...]: under the ambient mesh it runs in `jax.shard_map` over
-  batch and heads (the mesh axes the logical rules give them; an axis that
-  does not divide its dimension is replicated), kv heads repeated to one
-  per query head where they cannot split like the query heads. Outside a
-  mesh, run itself."""
-  b, _, h = q_BxTxHx_.shape[:3]
-  g = kv_BxTxGx_[0].shape[2]
-  mesh, batch, heads = _mesh_axes(b, h)
-  if mesh is None:
-    return run(q_BxTxHx_, *kv_BxTxGx_, segments_BxT)
-  if g % _size(mesh, heads):
-    kv_BxTxGx_ = tuple(jnp.repeat(x, h // g, axis=2) for x in kv_BxTxGx_)
-  spec = P(batch, None, heads)
-  segments_spec = None if segments_BxT is None else P(batch)
-  return jax.shard_map(
-      run, mesh=mesh, check_vma=False, out_specs=spec,
-      in_specs=(spec,) * (1 + len(kv_BxTxGx_)) + (segments_spec,))(
-          q_BxTxHx_, *kv_BxTxGx_, segments_BxT)
-
-
-def _mesh_axes(batch_size, num_heads):
-  """(mesh, batch axes, heads axes) of the ambient mesh under the logical
-  rules, an axis dropped (replicated) when it does not divide its dimension;
-  (None, None, None) outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return None, None, None
-  batch, heads = nn.logical_to_mesh_axes(("batch", "heads"))
-  batch = batch if batch_size % _size(mesh, batch) == 0 else None
-  heads = heads if num_heads % _size(mesh, heads) == 0 else None
-  return mesh, batch, heads
-
-
-def _size(mesh, axes) -> int:
-  """Devices along mesh axes (None, a name or a tuple of names)."""
-  if axes is None:
-    return 1
-  names = (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in names]))
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -1,7 +1,9 @@
-"""zoo/decode.py: prefill + token-by-token decoding equals the forward pass for
-every compatible attention x position pair; the decode state of each family
-(KV cache, ring buffer, recurrent state); BigBird's prefix-consistent
-layout; the sampler as one compiled loop; the cache's sharding."""
+"""Decoding through each attention op's own state (zoo/attention/base.py,
+the LM's init_cache / prefill / decode_step in zoo/models/transformer.py):
+prompts prefilled in chunks, continued, then decoded token by token equal
+the forward pass for every compatible attention x position pair; writing
+past the capacity is refused; the state each family keeps; BigBird's
+prefix-consistent layout; the cache's sharding."""
 
 import dataclasses
 import json
@@ -15,11 +17,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zoo import decode, registry
-from zoo.attention.base import AttentionOp
+from zoo import registry
+from zoo.attention import sparse
+from zoo.layers import ModelConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ_LEN, PROMPT, VOCAB = 16, 5, 32
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+SEQ_LEN, VOCAB = 16, 32
+# How the 16 tokens are fed: a prompt of 5, a continuation of 3 into the
+# filled cache (chunked prefill), 4 single steps (past local's window of 4
+# and across sparse blocks), then a second turn of 4.
+PIECES = (5, 3, 1, 1, 1, 1, 4)
 # As tests/position/test_compatibility.py: arguments that keep ops tiny.
 SMALL_ARGS = {"window": 4, "block": 4, "block_q": 4, "block_k": 4,
               "chunk": 4, "num_random": 1, "num_features": 8}
@@ -54,26 +62,28 @@ def pairs():
 
 
 def lm(attention, position, seq_len=SEQ_LEN, seed=0, num_layers=2):
-  return registry.get("model", "lm")(
+  return registry.get("model", "lm")(ModelConfig(
       vocab_size=VOCAB, seq_len=seq_len, attention=attention,
       position=position, num_layers=num_layers, embed_dim=16, num_heads=4,
-      num_kv_heads=2, mlp_dim=32, rngs=nnx.Rngs(seed))
+      num_kv_heads=2, mlp_dim=32), rngs=nnx.Rngs(seed))
 
 
-def forward_and_decoded(model, tokens_BxT, prompt: int):
-  """Full forward logits, those of prefill(prompt) + one step per remaining
-  token, and the cache after the last."""
+def forward_and_decoded(model, tokens_BxT, pieces=PIECES):
+  """Full forward logits, those of the tokens fed in `pieces` (prefill for
+  a piece of several tokens, decode_step for one), and the final cache."""
   cache = model.init_cache(tokens_BxT.shape[0], tokens_BxT.shape[1])
-  prefilled_BxPxV, cache = model.prefill(tokens_BxT[:, :prompt], cache)
-
-  def one(cache, token_B):
-    logits_BxV, cache = model.decode_step(token_B, cache)
-    return cache, logits_BxV
-
-  cache, stepped_TxBxV = jax.lax.scan(one, cache, tokens_BxT[:, prompt:].T)
-  decoded = jnp.concatenate([prefilled_BxPxV, stepped_TxBxV.swapaxes(0, 1)],
-                            axis=1)
-  return model(tokens_BxT), decoded, cache
+  logits, start = [], 0
+  for n in pieces:
+    if n == 1:
+      logits_BxV, cache = model.decode_step(tokens_BxT[:, start], cache)
+      logits.append(logits_BxV[:, None])
+    else:
+      logits_BxNxV, cache = model.prefill(tokens_BxT[:, start:start + n],
+                                          cache)
+      logits.append(logits_BxNxV)
+    start += n
+  assert start == tokens_BxT.shape[1]
+  return model(tokens_BxT), jnp.concatenate(logits, axis=1), cache
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +98,7 @@ def parity():
   def run(state, tokens):
     diffs = []
     for model in nnx.merge(graphdef, state):
-      full, decoded, _ = forward_and_decoded(model, tokens, PROMPT)
+      full, decoded, _ = forward_and_decoded(model, tokens)
       diffs.append(jnp.stack([jnp.abs(decoded - full).max(),
                               jnp.abs(full).max()]))
     return jnp.stack(diffs)
@@ -106,10 +116,10 @@ def test_every_compatible_pair_is_covered(parity):
 
 
 @pytest.mark.parametrize("attention,position", pairs())
-def test_prefill_and_decode_equal_the_forward_pass(parity, attention,
-                                                   position):
-  """Logits at every position: prefill of 5 tokens, then 11 single steps
-  (past local's window of 4 and across sparse blocks), against the full
+def test_chunked_prefill_and_decode_equal_the_forward_pass(parity, attention,
+                                                           position):
+  """Logits at every position, fed as PIECES (prefill into an empty cache,
+  prefill continuing it, single steps, a second turn), against the full
   forward pass; fp32, 4 heads over 2 kv heads."""
   diff, scale = parity[attention, position]
   assert scale > 0.1
@@ -140,7 +150,8 @@ def test_linear_state_after_ten_training_lengths():
   models = [lm("linear(chunk=4)", "sinusoidal"),
             lm("linear(feature='favor', num_features=8, chunk=4)", "rope")]
   tokens = jax.random.randint(jax.random.key(2), (1, 10 * SEQ_LEN), 0, VOCAB)
-  runs = jax.jit(lambda tokens: [forward_and_decoded(m, tokens, 1)
+  pieces = (1,) * tokens.shape[1]
+  runs = jax.jit(lambda tokens: [forward_and_decoded(m, tokens, pieces)
                                  for m in models])(tokens)
   for full, decoded, cache in runs:
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(cache.layers))
@@ -168,7 +179,7 @@ def test_pattern_tiles_hold_the_pattern(spec):
   """The tiles a pattern decodes with reproduce op.allows at the capacity,
   row by row, capacity not a multiple of the block."""
   op = registry.build("attention", spec)
-  index_HxNxN, tiles_UxLxL = decode.pattern_tiles(op, 37, 4, op.block)
+  index_HxNxN, tiles_UxLxL = sparse.pattern_tiles(op, 37, 4, op.block)
   l = tiles_UxLxL.shape[1]
   n = index_HxNxN.shape[1]
   rebuilt = tiles_UxLxL[index_HxNxN].transpose(0, 1, 3, 2, 4).reshape(
@@ -178,18 +189,32 @@ def test_pattern_tiles_hold_the_pattern(spec):
   assert len(tiles_UxLxL) <= 6
 
 
-def test_an_op_of_no_family_is_refused_when_the_cache_is_built():
-  @dataclasses.dataclass(frozen=True)
-  class Mystery(AttentionOp):
-    registry_name = "mystery"
+@pytest.mark.parametrize("attention", [
+    small_spec(a) for a in registry.names("attention")])
+def test_writing_past_the_capacity_is_refused(attention):
+  """Every family: a decode step or a prefill past max_len raises with one
+  line (the index is known outside jit); inside jit, where it is not, the
+  overflowing logits are NaN rather than those of a clamped write."""
+  model = lm(attention, "none", num_layers=1)
+  tokens = jnp.arange(8, dtype=jnp.int32)[None] % VOCAB
+  _, cache = model.prefill(tokens[:, :6], model.init_cache(1, 6))
+  with pytest.raises(ValueError, match=r"^decoding position 6 is past the "
+                     r"cache's capacity max_len=6; build the cache with a "
+                     r"larger max_len$"):
+    model.decode_step(tokens[:, 6], cache)
+  _, half = model.prefill(tokens[:, :4], model.init_cache(1, 6))
+  with pytest.raises(ValueError, match=r"positions 4\.\.7 is past"):
+    model.prefill(tokens[:, 4:8], half)
+  logits_1xV, _ = jax.jit(model.decode_step)(tokens[:, 6], cache)
+  assert np.isnan(np.asarray(logits_1xV)).all()
 
-    def attend(self, q, k, v, *, causal, mask, bias):
-      return q
 
-  with pytest.raises(ValueError, match=r"attention mystery: no decode state "
-                     r"for Mystery; decodable: standard, xla, blockwise, "
-                     r"sparse, bigbird, local, linear and splash of those"):
-    decode.decoder(Mystery())
+def test_bidirectional_attention_is_refused_a_cache():
+  model = registry.get("model", "classifier")(ModelConfig(
+      vocab_size=VOCAB, seq_len=SEQ_LEN, num_classes=2, embed_dim=16,
+      num_heads=4, num_kv_heads=2, mlp_dim=32), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"decoding needs causal attention"):
+    model.trunk.init_cache(1, 8)
 
 
 def test_learned_positions_refuse_a_cache_past_their_table():
@@ -197,120 +222,6 @@ def test_learned_positions_refuse_a_cache_past_their_table():
   with pytest.raises(ValueError, match=r"decoding max_len=17 exceeds the 16 "
                      r"positions of position learned"):
     model.init_cache(1, 17)
-
-
-# The sampler.
-
-@pytest.fixture(scope="module")
-def model():
-  return lm("standard", "rope", seq_len=32, seed=3)
-
-
-def greedy_by_recomputing(model, prompt, n):
-  """Greedy tokens, each from a full forward pass over all tokens so far
-  (one compiled length: later positions do not change earlier logits)."""
-  p = len(prompt)
-  forward = jax.jit(lambda tokens: model(tokens)[0])
-  tokens = np.zeros((1, p + n), np.int32)
-  tokens[0, :p] = prompt
-  for t in range(p, p + n):
-    tokens[0, t] = int(jnp.argmax(forward(tokens)[t - 1]))
-  return tokens[0, p:].tolist()
-
-
-@pytest.fixture(scope="module")
-def greedy(model):
-  """Two prompts and their greedy continuations of 8 tokens."""
-  prompt = jnp.asarray([[3, 1, 4, 1, 5], [2, 7, 1, 8, 2]])
-  tokens, lengths = decode.generate(model, prompt, max_new_tokens=8,
-                                    sampling=decode.Sampling(temperature=0))
-  assert lengths.tolist() == [8, 8]
-  return prompt, tokens.tolist()
-
-
-def test_greedy_generation_equals_recomputing_the_forward_pass(model, greedy):
-  prompt, tokens = greedy
-  assert tokens[0] == greedy_by_recomputing(model, prompt[0].tolist(), 8)
-
-
-def test_a_stop_token_ends_each_row(model, greedy):
-  prompt, free = greedy
-  stop = free[0][2]
-  tokens, lengths = decode.generate(
-      model, prompt, max_new_tokens=8,
-      sampling=decode.Sampling(temperature=0, stop_token=stop))
-  first = [row.index(stop) + 1 if stop in row else 8 for row in free]
-  assert lengths.tolist() == first
-  for row, free_row, n in zip(tokens.tolist(), free, first):
-    assert row[:n] == free_row[:n]
-    assert row[n:] == [stop] * (8 - n)
-
-
-def test_sampling_follows_its_seed(model):
-  prompt = jnp.asarray([[3, 1, 4]])
-  hot = decode.Sampling(temperature=2.0)
-  a, b, c = (decode.generate(model, prompt, max_new_tokens=12, sampling=hot,
-                             seed=s)[0].tolist() for s in (0, 0, 1))
-  assert a == b != c
-
-
-def test_top_k_and_top_p_keep_the_likely_tokens():
-  logits_BxV = jnp.log(jnp.asarray([[0.5, 0.3, 0.1, 0.06, 0.04]]))
-  keys = jax.random.split(jax.random.key(0), 2000)
-  settings = [decode.Sampling(), decode.Sampling(top_k=2),
-              decode.Sampling(top_k=1), decode.Sampling(top_p=0.85),
-              decode.Sampling(top_p=0.75), decode.Sampling(top_p=1e-6)]
-  draws = jax.jit(lambda keys: [jax.vmap(
-      lambda key: decode.choose(logits_BxV, key, s)[0])(keys)
-                                for s in settings])(keys)
-  everything, top2, top1, p85, p75, tiny = map(np.asarray, draws)
-  np.testing.assert_allclose(np.bincount(everything, minlength=5) / 2000,
-                             [0.5, 0.3, 0.1, 0.06, 0.04], atol=0.04)
-  assert set(top2) == {0, 1}
-  assert set(top1) == set(tiny) == {0}
-  # Nucleus 0.85: 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1.
-  assert set(p85) == {0, 1, 2}
-  assert set(p75) == {0, 1}
-
-
-def test_generation_is_one_loop_whatever_its_length(model):
-  """The decode step is traced once, inside a while loop: the program does
-  not grow with max_new_tokens."""
-  graphdef, state = nnx.split(model)
-
-  def program(n):
-    return str(jax.make_jaxpr(lambda s, p: decode._generate(
-        graphdef, s, p, jax.random.key(0), None, max_new_tokens=n,
-        max_len=n + 3, sampling=decode.Sampling()))(
-            state, jnp.zeros((1, 4), jnp.int32)))
-
-  assert "while[" in program(4)
-  assert program(4).count("dot_general") == program(40).count("dot_general")
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    ({"temperature": -1.0}, r"temperature=-1.0 must be >= 0 \(0: greedy\)"),
-    ({"top_k": -2}, r"top_k=-2 must be >= 0"),
-    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
-    ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
-    ({"stop_token": -1}, r"stop_token=-1 must be a token id >= 0"),
-])
-def test_bad_sampling_values_are_refused(kwargs, message):
-  with pytest.raises(ValueError, match=message):
-    decode.Sampling(**kwargs)
-
-
-def test_bad_generation_requests_are_refused(model):
-  prompt = jnp.asarray([[1, 2]])
-  with pytest.raises(ValueError, match=r"max_new_tokens=0 must be >= 1"):
-    decode.generate(model, prompt, max_new_tokens=0)
-  with pytest.raises(ValueError, match=r"stop_token=32 must be below the "
-                     r"vocabulary size 32"):
-    decode.generate(model, prompt, max_new_tokens=2,
-                    sampling=decode.Sampling(stop_token=32))
-  with pytest.raises(ValueError, match=r"needs 6 cache positions; "
-                     r"max_len=4"):
-    decode.generate(model, prompt, max_new_tokens=5, max_len=4)
 
 
 # The cache's sharding, on 4 fake devices in a subprocess.
@@ -326,7 +237,7 @@ def _worker_sharded_decode():
   specs = ("standard", "local(window=4)", "linear(chunk=4)")
   models = [lm(attention, "none", num_layers=1) for attention in specs]
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    runs = jax.jit(lambda tokens: [forward_and_decoded(m, tokens, PROMPT)
+    runs = jax.jit(lambda tokens: [forward_and_decoded(m, tokens)
                                    for m in models])(tokens)
   return {attention: {
       "specs": [list(leaf.sharding.spec) + [None] * (
@@ -338,7 +249,7 @@ def _worker_sharded_decode():
 
 def test_the_cache_is_sharded_like_the_activations():
   code = (f"import sys; sys.path.insert(0, {ROOT!r}); import json; "
-          "from tests import test_decode as t; "
+          "from tests.models import test_decoding as t; "
           "print('RESULT', json.dumps(t._worker_sharded_decode()))")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,

@@ -1,7 +1,7 @@
-"""The fused CPU kernels (zoo/attention/fused_cpu.py) against float64 numpy
-references: softmax attention and causal linear attention, values and
-gradients over lengths and dims that need padding to 16, several kernel
-blocks or chunks, grouped queries; and how the library is built and
+"""The fused CPU kernels (zoo/attention/kernels/fused_cpu.py) against
+float64 numpy references: softmax attention and causal linear attention,
+values and gradients over lengths and dims that need padding to 16, several
+kernel blocks or chunks, grouped queries; and how the library is built and
 cached."""
 
 import os
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zoo.attention import fused_cpu
+from zoo.attention.kernels import fused_cpu
 
 pytestmark = pytest.mark.skipif(fused_cpu.unavailable() is not None,
                                 reason=str(fused_cpu.unavailable()))

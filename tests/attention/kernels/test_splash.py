@@ -3,22 +3,17 @@ under each pattern's mask, built here in numpy from the pattern definitions
 (per head for BigBird); device choice and refusals; sharding on 8 fake
 devices."""
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.attention.kernels.test_placement import sharded_error
 from zoo import registry
-from zoo.attention import fused_cpu, kernels
+from zoo.attention.kernels import placement, splash
 
 # The smallest shapes splash accepts: blocks of 128 (its lanes), two of them.
 B, T, H, D = 2, 256, 4, 8
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
 
 
 def random_qkv(seed, t=T, g=2, dtype=np.float32):
@@ -119,7 +114,7 @@ def assert_matches_dense(spec, q, k, v, allowed_HxTxT, *, causal, mask=None,
   return out
 
 
-def splash(like):
+def interpreted(like):
   return f"splash(like={like!r}, implementation='splash', interpret=True)"
 
 
@@ -158,7 +153,7 @@ def test_splash_matches_dense_with_pattern_mask(like, allowed, causal, padded,
   """GQA (2 kv heads for 4 query heads); BigBird at layer 1 with its
   per-head random blocks; with a padding mask, a causal query with no key
   gets zeros."""
-  op = registry.build("attention", splash(like)).for_layer(1)
+  op = registry.build("attention", interpreted(like)).for_layer(1)
   q, k, v = random_qkv(0)
   mask = key_mask() if padded else None
   out = assert_matches_dense(op, q, k, v, allowed(T, causal), causal=causal,
@@ -174,7 +169,7 @@ def test_bigbird_heads_and_layers_differ():
                for layer in (0, 1)]
   assert (per_layer[0][0] != per_layer[0][1]).any()
   assert (per_layer[0] != per_layer[1]).any()
-  op = registry.build("attention", splash(BIGBIRD)).for_layer(1)
+  op = registry.build("attention", interpreted(BIGBIRD)).for_layer(1)
   np.testing.assert_array_equal(op.pattern_mask(T, True, H), per_layer[1])
 
 
@@ -184,19 +179,19 @@ def test_bigbird_heads_and_layers_differ():
 def test_length_not_a_multiple_of_the_block(like, allowed):
   """200 positions are padded to 256 inside; the padding stays invisible."""
   q, k, v = random_qkv(1, t=200)
-  assert_matches_dense(splash(like), q, k, v, allowed(200, True), causal=True,
-                       mask=key_mask(200), grads=False)
+  assert_matches_dense(interpreted(like), q, k, v, allowed(200, True),
+                       causal=True, mask=key_mask(200), grads=False)
 
 
 def test_multi_query_and_no_mask():
   q, k, v = random_qkv(2, g=1)
-  assert_matches_dense(splash("local(window=40)"), q, k, v,
+  assert_matches_dense(interpreted("local(window=40)"), q, k, v,
                        local_allowed(40)(T, True), causal=True, grads=False)
 
 
 def test_bf16_inputs_give_bf16_close_to_fp32():
   q, k, v = random_qkv(3)
-  op = registry.build("attention", splash("standard"))
+  op = registry.build("attention", interpreted("standard"))
   out = jax.jit(lambda *a: op(*a, causal=True))(
       *(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)))
   assert out.dtype == jnp.bfloat16
@@ -223,7 +218,7 @@ def test_auto_on_cpu_runs_the_pattern_op_with_a_warning(caplog):
   got = jax.jit(lambda *a: op(*a, causal=True))(q, k, v)
   want = jax.jit(lambda *a: pattern(*a, causal=True))(q, k, v)
   np.testing.assert_array_equal(got, want)
-  kernels._WARNED.clear()
+  placement._WARNED.clear()
   with caplog.at_level("WARNING"):
     jax.jit(lambda *a: registry.build("attention", "splash(like='standard')")(
         *a, causal=False)).lower(q, k, v)
@@ -239,8 +234,8 @@ def test_auto_on_cpu_runs_the_pattern_op_with_a_warning(caplog):
     ("cpu", jnp.bfloat16, False, "pattern"),
 ])
 def test_default_kernel_per_device(platform, dtype, padded, kernel):
-  chosen, note = kernels.choose(None, platform, "standard", dtype,
-                                padded, True)
+  chosen, note = splash.choose(None, platform, "standard", dtype,
+                               padded, True)
   assert chosen == kernel
   assert bool(note) == (kernel == "pattern")
 
@@ -248,8 +243,8 @@ def test_default_kernel_per_device(platform, dtype, padded, kernel):
 @pytest.mark.parametrize("platform", ["tpu", "gpu", "cpu"])
 def test_sparse_patterns_and_decoding_fall_back_with_a_note(platform):
   for pattern, square in (("bigbird", True), ("standard", False)):
-    chosen, note = kernels.choose(None, platform, pattern,
-                                  jnp.bfloat16, False, square)
+    chosen, note = splash.choose(None, platform, pattern,
+                                 jnp.bfloat16, False, square)
     if platform == "tpu" and square:
       assert chosen == "splash"
     else:
@@ -258,12 +253,12 @@ def test_sparse_patterns_and_decoding_fall_back_with_a_note(platform):
 
 def test_keys_per_query_and_pattern_are_the_like_ops():
   op, pattern = (registry.build("attention", s)
-                 for s in (splash(STRIDED), STRIDED))
+                 for s in (interpreted(STRIDED), STRIDED))
   for causal in (True, False):
     assert op.keys_per_query(T, causal) == pattern.keys_per_query(T, causal)
     np.testing.assert_array_equal(op.pattern_mask(T, causal),
                                   strided_allowed(32)(T, causal))
-  layer_2 = registry.build("attention", splash(BIGBIRD)).for_layer(2)
+  layer_2 = registry.build("attention", interpreted(BIGBIRD)).for_layer(2)
   assert layer_2.layer == 2
   assert layer_2.pattern == registry.build("attention", BIGBIRD).for_layer(2)
 
@@ -297,56 +292,18 @@ def test_refusals_at_call():
   with pytest.raises(ValueError, match="cannot take an additive position"):
     op(q, k, v, bias=lambda i, j: jnp.zeros((H, 16, 16)))
   with pytest.raises(ValueError, match="needs bfloat16 or float16 inputs"):
-    kernels.choose("cudnn", "gpu", "standard", jnp.float32, False, True)
+    splash.choose("cudnn", "gpu", "standard", jnp.float32, False, True)
   assert not registry.compatible("splash", "alibi")
   assert registry.compatible("splash", "rope")
 
 
-def _worker_sharded():
-  """On a data x fsdp x tensor = 2 x 2 x 2 mesh under the default rules,
-  the kernels (batch over data+fsdp, heads over tensor) equal the unsharded
-  call, values and gradients: splash with GQA (kv heads split), BigBird's
-  per-head masks and a padding mask; splash with MQA (kv heads repeated);
-  flash with 48 positions (padding segment ids sharded); the fused CPU
-  kernels of blockwise and linear with GQA and MQA (where they build). Returns the worst
-  error relative to each result's largest entry."""
-  import flax.linen as nn
-  from zoo import sharding
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  rules = sharding.parse_rules(sharding.DEFAULT_RULES)
-  worst = 0.0
-  cases = [(2, T, splash(BIGBIRD), True), (1, T, splash("standard"), True),
-           (2, 48, "splash(implementation='flash', interpret=True)", False)]
-  if fused_cpu.unavailable() is None:
-    cases += [(2, 40, "blockwise(implementation='fused')", False),
-              (1, 40, "blockwise(implementation='fused')", False),
-              (2, 40, "linear(feature='favor', num_features=32, "
-                      "implementation='fused')", False),
-              (1, 40, "linear(implementation='fused')", False)]
-  for g, t, spec, padded in cases:
-    rng = np.random.default_rng(g)
-    q = rng.standard_normal((4, t, H, D), np.float32)
-    k, v = (rng.standard_normal((4, t, g, D), np.float32) for _ in "kv")
-    mask = jnp.asarray(rng.random((4, t)) < 0.8) if padded else None
-    op = registry.build("attention", spec).for_layer(1)
-    step = lambda: jax.jit(jax.value_and_grad(
-        lambda q, k, v: jnp.sum(op(q, k, v, causal=True, mask=mask) ** 2),
-        argnums=(0, 1, 2)))
-    want = step()(q, k, v)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      got = step()(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-      worst = max(worst, float(jnp.abs(a - b).max() / jnp.abs(b).max()))
-  return worst
-
-
+@pytest.mark.slow
 def test_sharded_over_batch_and_heads_equals_unsharded():
-  code = (f"import sys; sys.path.insert(0, {ROOT!r}); "
-          "from tests.attention import test_kernels as t; "
-          "print('RESULT', t._worker_sharded())")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-4000:]
-  worst = float(out.stdout.split("RESULT")[-1])
+  """splash with GQA (kv heads split), BigBird's per-head masks and a
+  padding mask; splash with MQA (kv heads repeated); flash with 48
+  positions (padding segment ids sharded)."""
+  worst = sharded_error([
+      (2, T, interpreted(BIGBIRD), True),
+      (1, T, interpreted("standard"), True),
+      (2, 48, "splash(implementation='flash', interpret=True)", False)])
   assert worst < 1e-5, worst

@@ -1,0 +1,3 @@
+"""Attention kernels: Pallas splash/flash for accelerators, C++ for CPU."""
+
+from zoo.attention.kernels import splash  # noqa: F401
