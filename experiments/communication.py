@@ -34,7 +34,6 @@ import math
 import os
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib
@@ -44,7 +43,7 @@ from flax import nnx
 
 from configs import default
 from experiments import report
-from zoo import sharding, train
+from zoo import plan, sharding, train, xla_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -164,18 +163,17 @@ def _bytes_per_device(abstract, shardings) -> int:
 def measure(config) -> dict:
   """Compiles the train step of `config` over its mesh (no data, no
   compute) and reads its collectives and memory."""
-  p = train.plan(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  rules = sharding.parse_rules(config.mesh.rules)
-  s = train.setup(p, mesh, rules, train.make_optimizer(config)[0])
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  p = plan.resolve(config)
+  layout = sharding.Layout.from_config(config.mesh)
+  s = plan.setup(p, layout, plan.make_optimizer(config)[0])
+  batch_sharding = layout.batch_sharding()
   b, t = config.batch_size, config.data.seq_len
   batch = {k: jax.ShapeDtypeStruct((b, t), dtype, sharding=batch_sharding)
            for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
                             ("weights", jnp.float32))}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with layout:
     compiled = jax.jit(
-        train._make_train_step(s.graphdef), donate_argnums=0,  # noqa: SLF001
+        train.make_train_step(s.graphdef), donate_argnums=0,
         out_shardings=(s.state_shardings, None)).lower(
             s.abstract_state, batch).compile()
   params = nnx.state(s.abstract_state, nnx.Param)
@@ -262,6 +260,7 @@ def pod_rows(batch: int, bandwidth: float, peak: float, mfu: float):
 
 def main(argv):
   del argv
+  xla_flags.apply()  # before jax starts: compile as the trainer does
   # 8 fake CPU devices (before the backend starts; --xla_force_host_platform_
   # device_count in XLA_FLAGS does the same).
   jax.config.update("jax_num_cpu_devices", 8)

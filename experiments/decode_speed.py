@@ -29,7 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from experiments import report
-from zoo import layers, registry
+from zoo import layers, registry, xla_flags
 from zoo.attention.base import AttentionOp
 
 NAME = "decode_speed"
@@ -135,6 +135,7 @@ def measure(spec: str, length: int, p: dict) -> dict:
 
 def main(argv):
   del argv
+  xla_flags.apply()  # before jax starts: compile as the trainer does
   preset = "quick" if _QUICK.value else _PRESET.value
   p = PRESETS[preset]
   load_before = os.getloadavg()[0]

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import report
-from zoo import metrics, registry, train
+from zoo import metrics, registry, train, xla_flags
 from zoo.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py",
@@ -49,6 +49,7 @@ def training_rate(config) -> float:
 
 def main(argv):
   del argv
+  xla_flags.apply()  # before jax starts: compile as the trainer does
   config = _CONFIG.value
   batches_per_s = pipeline_rate(config)
   steps_per_s = training_rate(config)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from configs import text as text_config
 from experiments import report
-from zoo import registry, train
+from zoo import checkpoint, registry, train, xla_flags
 from zoo.data.text import read_bytes, windows
 
 NAME = "length_extrapolation"
@@ -143,6 +143,7 @@ def bits_by_position(model, data: np.ndarray, length: int, budget: int,
 
 def main(argv):
   del argv
+  xla_flags.apply()  # before jax starts: compile as the trainer does
   if not _TEXT.value:
     raise app.UsageError("--text_path is required")
   train_len = setting("train_len")
@@ -159,7 +160,7 @@ def main(argv):
     start = time.time()
     last = train.train_and_evaluate(config, workdir)
     train_s = time.time() - start
-    model = train.restore_model(config, workdir)
+    model, _ = checkpoint.restore_model(config, workdir)
     data = eval_bytes(config)
     by_length = {m * train_len: bits_by_position(model, data, m * train_len,
                                                  budget)

@@ -41,12 +41,29 @@ def write(name: str, title: str, body: str, raw: dict, out_dir: str = "",
   folder = out_dir or os.path.join(RESULTS, name)
   os.makedirs(folder, exist_ok=True)
   cmd = cmd or command()
+  notes = kept_notes(os.path.join(folder, "RESULTS.md"))
   with open(os.path.join(folder, "RESULTS.md"), "w") as f:
-    f.write(f"# {title}\n\nMade by:\n\n    {cmd}\n\n{body}\n")
+    f.write(f"# {title}\n\nMade by:\n\n    {cmd}\n\n{body}\n{notes}")
   with open(os.path.join(folder, "raw.json"), "w") as f:
     json.dump({"command": cmd, **raw}, f, indent=1)
   print(f"wrote {folder}; reproduce with:\n  {cmd}")
   return folder
+
+
+# A RESULTS.md section that a rerun keeps: figures of earlier runs (what a
+# number was before a change), each with its command, written by hand.
+NOTES_HEADING = "## Notes from earlier runs"
+
+
+def kept_notes(path: str) -> str:
+  """The NOTES_HEADING section (to the end) of the RESULTS.md at `path`,
+  or "" if it has none."""
+  if not os.path.isfile(path):
+    return ""
+  with open(path) as f:
+    text = f.read()
+  at = text.find(NOTES_HEADING)
+  return "" if at < 0 else "\n" + text[at:]
 
 
 def results_dir(name: str, out_dir: str = "") -> str:

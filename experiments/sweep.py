@@ -41,7 +41,8 @@ from flax import nnx
 
 from configs import default
 from experiments import grids, report
-from zoo import host_memory, metrics, registry, train, xla_flags
+from zoo import (checkpoint, host_memory, metrics, plan, registry, train,
+                 xla_flags)
 from zoo.models import transformer
 
 DONE, FAILED = "DONE", "FAILED"
@@ -277,7 +278,7 @@ def _parameter_counts(config_json: str) -> dict[str, int]:
   defaults."""
   config = json.loads(config_json)
   _fill(config, default.get_config().to_dict())
-  p = train.plan(ml_collections.ConfigDict(config))
+  p = plan.resolve(ml_collections.ConfigDict(config))
   return transformer.parameter_counts(nnx.eval_shape(p.model_fn))
 
 
@@ -342,8 +343,7 @@ def main(argv):
   # As the trainer runs (see zoo/xla_flags.py and zoo/host_memory.py).
   xla_flags.apply()
   host_memory.retain()
-  quiet_orbax = train._quiet_orbax  # pylint: disable=protected-access
-  logging.get_absl_handler().addFilter(quiet_orbax)
+  logging.get_absl_handler().addFilter(checkpoint.quiet_orbax)
   f = flags.FLAGS
   try:
     grid = load_grid(f.grid, f.preset)

@@ -5,6 +5,7 @@ train a few steps (the WORKSPACE recipe)."""
 import flax.linen as nn
 import jax
 import optax
+import pytest
 from flax import nnx
 
 from zoo import registry
@@ -82,6 +83,7 @@ def train_losses(model, steps=6):
   return variables, losses
 
 
+@pytest.mark.slow
 def test_the_zoo_lm_trains_inside_a_linen_module():
   variables, losses = train_losses(BridgedLM("local(window=4)"))
   assert losses[-1] < losses[0] - 0.3

@@ -9,8 +9,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.test_sharding import ROOT, _free_port
 from zoo import metrics
+
+pytestmark = pytest.mark.slow  # two processes training, each case
 
 TIMEOUT_S = 10  # config.peer_timeout_s of these runs
 # 8 examples per process and batch: 1100 eval examples are >= 60 batches.

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from configs import text
-from zoo import decode, sample, train
+from zoo import sample, train
+from zoo.sampling import Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GREEDY = decode.Sampling(temperature=0)
+GREEDY = Sampling(temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,8 @@ def test_a_stop_byte_ends_the_text(text_run):
                              sampling=GREEDY)
   stop = free[5]
   out = sample.sample_bytes(text_run, "love", max_new_tokens=20,
-                            sampling=decode.Sampling(temperature=0,
-                                                     stop_token=stop))
+                            sampling=Sampling(temperature=0,
+                                              stop_token=stop))
   assert free.startswith(out) and out[-1] == stop
   assert len(out) <= 6
 
@@ -89,7 +90,7 @@ def test_bad_sampling_values_are_refused(text_run):
   with pytest.raises(sample.SampleError, match=r"--stop_token=256 must be a "
                      r"byte value below 256"):
     sample.sample_bytes(text_run, "a", max_new_tokens=2,
-                       sampling=decode.Sampling(stop_token=256))
+                       sampling=Sampling(stop_token=256))
 
 
 def test_runs_that_are_not_text_checkpoints_are_refused(tmp_path, text_run):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import xla_flags_with_devices
-from zoo import metrics, sharding, train
+from zoo import metrics, plan, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = {"data8": (8, 1, 1), "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2)}
@@ -83,6 +83,7 @@ def sharded_losses(data_dir, tmp_path_factory):
               str(tmp_path_factory.mktemp("parity")), PARITY_RUNS)
 
 
+@pytest.mark.slow
 def test_meshes_give_the_losses_of_one_device(sharded_losses, data_dir,
                                               tmp_path):
   """Data, FSDP and mixed data/FSDP/tensor meshes match a single device to
@@ -104,11 +105,10 @@ def _worker_placement(data_dir):
   for name, mesh_sizes in {"fsdp1": (8, 1, 1), "fsdp2": (4, 2, 1),
                            "fsdp8": (1, 8, 1), "d2f2t2": (2, 2, 2)}.items():
     config = _config(data_dir, mesh_sizes)
-    p = train.plan(config)
-    mesh = sharding.make_mesh(dict(config.mesh))
-    rules = sharding.parse_rules(config.mesh.rules)
-    s = train.setup(p, mesh, rules, train.make_optimizer(config)[0])
-    with jax.set_mesh(mesh):
+    p = plan.resolve(config)
+    layout = sharding.Layout.from_config(config.mesh)
+    s = plan.setup(p, layout, plan.make_optimizer(config)[0])
+    with layout:
       state = jax.jit(lambda: nnx.state(s.create()),
                       out_shardings=s.state_shardings)()
     model, opt = state[0], state[1]
@@ -130,6 +130,7 @@ def _worker_placement(data_dir):
   return out
 
 
+@pytest.mark.slow
 def test_parameters_and_optimizer_state_are_sharded_as_configured(data_dir):
   placed = _run("_worker_placement", data_dir)
   # mlp up kernel [embed 32, mlp 64]: embed over fsdp, mlp over tensor.
@@ -159,6 +160,7 @@ def _worker_reshard(data_dir, tmp):
           "resharded": _losses(resumed)}
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh(data_dir, tmp_path):
   """Saved on data=8, resumed on fsdp=4 x tensor=2. (The first run stops at
   step 2 by its own schedule, so only steps 1-2 of the schedules agree.)"""
@@ -222,6 +224,7 @@ def _flags(config):
   return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_resume_like_one(sharded_losses, data_dir,
                                                  tmp_path):
   """2 processes x 4 devices: train to step 2, a second 2-process run resumes

@@ -10,10 +10,12 @@ import grain
 import numpy as np
 import pytest
 
-from zoo import metrics, train
+from zoo import metrics, plan, train
+from zoo.plan import ConfigError
 from zoo.data import pipeline
 
 
+@pytest.mark.slow
 def test_short_run_learns_and_writes_its_files(tiny_config, tmp_path):
   tiny_config.num_train_steps = 60
   tiny_config.eval_every_steps = 60
@@ -56,6 +58,7 @@ class _CrashingIterator(grain.DatasetIterator):
     self._it.set_state(state)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tiny_config,
                                                          tmp_path,
                                                          monkeypatch):
@@ -85,11 +88,14 @@ def _cli(workdir, *overrides):
 
 @pytest.mark.parametrize("override,message", [
     ("--config.model.attention=no_such", "model.attention: unknown attention"),
-    ("--config.no_such_key=1", "no config key 'no_such_key'"),
-    ("--config.model.position=alibi --config.model.attention=linear",
-     "attention 'linear' cannot take position 'alibi'"),
-    ("--config.model.position=rope --config.model.attention=linear",
-     "attention 'linear' cannot take position 'rope'"),
+    pytest.param("--config.no_such_key=1", "no config key 'no_such_key'",
+                 marks=pytest.mark.slow),
+    pytest.param("--config.model.position=alibi --config.model.attention="
+                 "linear", "attention 'linear' cannot take position 'alibi'",
+                 marks=pytest.mark.slow),
+    pytest.param("--config.model.position=rope --config.model.attention="
+                 "linear", "attention 'linear' cannot take position 'rope'",
+                 marks=pytest.mark.slow),
 ])
 def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
   """The command line: exit code 2, one line, no workdir."""
@@ -134,8 +140,8 @@ def test_bad_config_is_refused_before_anything(key, value, message, tmp_path):
     config.model.attention = "linear"
   section, _, name = key.rpartition(".")
   (config[section] if section else config)[name] = value
-  with pytest.raises(train.ConfigError) as error:
-    train.plan(config, str(tmp_path / "run"))
+  with pytest.raises(ConfigError) as error:
+    train.check_workdir(plan.resolve(config), str(tmp_path / "run"))
   assert message in str(error.value)
   assert "\n" not in str(error.value)
   assert not (tmp_path / "run").exists()
@@ -153,18 +159,19 @@ def test_learning_rate_schedules(name, expected):
   config = default.get_config()
   config.learning_rate, config.warmup_steps = 1e-2, 10
   config.num_train_steps, config.lr_schedule = 100, name
-  schedule = train.make_optimizer(config)[1]
+  schedule = plan.make_optimizer(config)[1]
   for step, rate in expected.items():
     assert float(schedule(step)) == pytest.approx(rate, rel=1e-5), step
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
   workdir = tmp_path / "run"
   tiny_config.num_train_steps = 5
   train.train_and_evaluate(tiny_config, str(workdir))
   before = sorted(os.listdir(workdir / "checkpoints"))
   tiny_config.model.mlp_dim = 48
-  with pytest.raises(train.ConfigError, match=r"parameter trunk/blocks/0/"
+  with pytest.raises(ConfigError, match=r"parameter trunk/blocks/0/"
                      r"mlp/down/kernel of shape \(64, 32\), this config makes "
                      r"\(48, 32\)"):
     train.train_and_evaluate(tiny_config, str(workdir))

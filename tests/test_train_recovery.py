@@ -14,10 +14,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_tiny_config
-from zoo import metrics, train
+from zoo import checkpoint, metrics, train
 from zoo.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every case trains (in a subprocess or more than once): the fast tier
+# trains in tests/data/test_tfds_text.py.
+pytestmark = pytest.mark.slow
 
 
 def tiny_flags(data_dir, steps):
@@ -47,7 +51,7 @@ def config_of(tiny_config, steps):
 def params_of(config, workdir):
   from flax import nnx
   import jax
-  model = train.restore_model(config, workdir)
+  model, _ = checkpoint.restore_model(config, workdir)
   return jax.tree.leaves(nnx.state(model, nnx.Param))
 
 
@@ -197,7 +201,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_checkpoint(
     train.train_and_evaluate(config, workdir)
   assert steps_in(workdir) == ["5"]
   monkeypatch.setattr(pipeline, "train_iterator", real)
-  assert train.restore_model(config, workdir) is not None
+  assert checkpoint.restore_model(config, workdir)[1] == 5
 
   monkeypatch.setattr(pipeline, "train_iterator",
                       lambda *a, **k: _NanAt(real(*a, **k), 3))

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from zoo import sharding
+from zoo import plan, sharding, supervise
 
 
 class Checkpointer:
@@ -94,7 +94,7 @@ class Checkpointer:
         shutil.rmtree(target, ignore_errors=True)
         shutil.move(os.path.join(self.directory, str(step)), target)
 
-    sharding.on_process_0(move, "move damaged checkpoints aside")
+    supervise.on_process_0(move, "move damaged checkpoints aside")
     self.manager.reload()
 
   def save(self, step: int, state, data_iterator):
@@ -109,6 +109,29 @@ class Checkpointer:
     self.manager.close()
     if self._unraisablehook is not None:
       sys.unraisablehook, self._unraisablehook = self._unraisablehook, None
+
+
+def restore_model(config, workdir: str):
+  """(model, step) of `workdir`'s newest readable checkpoint (to evaluate or
+  sample), placed on a layout built from `config`. Raises
+  plan.ConfigError for a bad config, FileNotFoundError if there is no
+  readable checkpoint."""
+  p = plan.resolve(config)
+  layout = sharding.Layout.from_config(config.mesh)
+  s = plan.setup(p, layout, plan.make_optimizer(config)[0])
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  with layout:
+    state, step = ckpt.restore(s.abstract_state)
+  ckpt.close()
+  if state is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir}")
+  return nnx.merge(s.graphdef, state)[0], step
+
+
+def quiet_orbax(record) -> bool:
+  """A logging filter that drops orbax's per-save INFO lines (warnings
+  stay)."""
+  return record.levelno > 20 or "/orbax/" not in record.pathname
 
 
 def mismatch(directory: str, abstract_params) -> str | None:

@@ -3,10 +3,8 @@
 XLA:CPU takes an execution's temporary buffers from malloc on its worker
 threads. glibc serves those threads from arenas of at most 64 MB, so a
 larger block is mmapped and unmapped on every call, and every step faults
-its pages in afresh: 106.5k page faults (416 MiB) per train step of the
-LM in experiments/step_throughput, which ran at 0.87x torch's speed
-(experiments/results/step_throughput_glibc_default); with this policy 0
-faults and 0.98-1.08x. `retain()` sets glibc to one arena, no mmapped
+its pages in afresh, zeroing them again (figures:
+experiments/results/step_throughput/RESULTS.md). `retain()` sets glibc to one arena, no mmapped
 blocks and no trimming, so every call reuses the pages the last one
 freed. The cost: the process keeps its peak heap, and threads share one
 arena (small blocks still come from per-thread caches).

@@ -1,7 +1,7 @@
 """Sampler: `python -m zoo.sample --workdir=DIR --prompt='ROMEO:'`.
 
 Loads the newest readable checkpoint of a byte-level text run (DIR/config.json
-says which model; `zoo.train.restore_model` reads it) and prints the prompt
+says which model; `zoo.checkpoint.restore_model` reads it) and prints the prompt
 and its continuation, drawn by `zoo.sampling.generate` (prefill, then one
 compiled loop). `main` is a thin absl shell around `sample_bytes`; bad inputs
 (no run or checkpoint, a task other than text, a prompt the model cannot
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from zoo import registry, train
+from zoo import checkpoint, plan, registry
 from zoo.sampling import Sampling, generate
 
 
@@ -43,12 +43,10 @@ def load(workdir: str):
   # Sampling runs on this machine's devices, whatever mesh trained the run.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
   try:
-    model = train.restore_model(config, workdir)
-  except (train.ConfigError, FileNotFoundError) as e:
+    model, step = checkpoint.restore_model(config, workdir)
+  except (plan.ConfigError, FileNotFoundError) as e:
     raise SampleError(f"--workdir={workdir}: {e}") from None
-  steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-           if d.isdigit()]
-  return config, model, max(steps)
+  return config, model, step
 
 
 def sample_bytes(workdir: str, prompt: str, *, max_new_tokens: int,

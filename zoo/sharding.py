@@ -1,24 +1,22 @@
-"""Logical axis names, their mapping to mesh axes, and the device mesh.
+"""The layout: logical axis names, their mapping to mesh axes, and the
+device mesh (`Layout` holds the mesh and the rules together).
 
 Parameters and activations are annotated with logical axes ("batch",
 "length", "embed", "heads", "kv", "mlp", "vocab"); `config.mesh.rules`
 maps each to mesh axes ("data", "fsdp", "tensor"), so data parallel, FSDP and
 tensor parallel are config changes. Variables are created unsharded
 (`eager_sharding=False`) and placed by a jitted constructor with
-`out_shardings` (see `zoo/train.py`): one policy, everywhere.
-
-Multi-process helpers wait through the jax.distributed key-value store,
-which has timeouts, rather than through collectives, which have none.
+`out_shardings` (see `zoo/plan.py`): one policy, everywhere.
 """
 
-import collections
+import contextlib
+import dataclasses
 import math
 
 import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
-from jax._src import distributed
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -91,7 +89,7 @@ def state_shardings(abstract_state, mesh, axis_rules):
 def batch_sharding(mesh, axis_rules) -> NamedSharding:
   """Sharding of a [batch, ...] input: batch over the data axes."""
   with nn.logical_axis_rules(axis_rules):
-    spec = nn.logical_to_mesh_axes(("batch",))
+    spec = nn.logical_to_mesh_axes((BATCH,))
   return NamedSharding(mesh, P(*spec))
 
 
@@ -108,51 +106,35 @@ def constrain(x, names: tuple[str | None, ...]):
   return nn.with_logical_constraint(x, names)
 
 
-def kv_client():
-  """The jax.distributed key-value client of a multi-process run, else None.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """A device mesh and the logical-axis rules that map onto it. `with
+  layout:` makes both current (jax's mesh and flax's logical rules), as
+  building, restoring, stepping and decoding a sharded model need."""
 
-  JAX exposes it only as `jax._src.distributed.global_state.client`; the
-  trainer uses it for waits that have a bound (collectives have none)."""
-  return distributed.global_state.client if jax.process_count() > 1 else None
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  _open: list = dataclasses.field(default_factory=list, init=False,
+                                  repr=False, compare=False)
 
+  @classmethod
+  def from_config(cls, mesh_config) -> "Layout":
+    """From a run's `config.mesh` (sizes of data, fsdp, tensor and the
+    rules string)."""
+    return cls(make_mesh(dict(mesh_config)), parse_rules(mesh_config.rules))
 
-class PeerError(RuntimeError):
-  """Another process failed; the message names it and its error."""
+  def __enter__(self) -> "Layout":
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    self._open.append(stack)
+    return self
 
+  def __exit__(self, *exc):
+    return self._open.pop().__exit__(*exc)
 
-_rounds = collections.Counter()  # on_process_0 calls so far, by name
+  def state_shardings(self, abstract_state):
+    return state_shardings(abstract_state, self.mesh, self.rules)
 
-
-def on_process_0(fn, name: str):
-  """Runs `fn()` on process 0 while the other processes wait for it, then
-  returns fn's result on process 0 and None elsewhere. If fn raises, every
-  other process raises PeerError with its message, so no process goes on
-  alone.
-
-  The wait is a key-value lookup, not a collective: it ends when process 0
-  answers, and a lost process 0 or SIGTERM ends the run (see zoo.train).
-  Every process must make the same calls in the same order."""
-  client = kv_client()
-  if client is None:
-    return fn()
-  _rounds[name] += 1
-  key = f"zoo/on_process_0/{name}/{_rounds[name]}"
-  if jax.process_index() == 0:
-    try:
-      result = fn()
-    except Exception as e:
-      first_line = (str(e).strip().splitlines() or [""])[0]
-      client.key_value_set(key, f"{type(e).__name__}: {first_line}")
-      raise
-    client.key_value_set(key, "")
-    return result
-  error = None
-  while error is None:  # in 1 s slices, so that Ctrl-C gets through
-    try:
-      error = client.blocking_key_value_get(key, 1000)
-    except jax.errors.JaxRuntimeError as e:
-      if "DEADLINE_EXCEEDED" not in str(e):
-        raise
-  if error:
-    raise PeerError(f"process 0 failed to {name}: {error}")
-  return None
+  def batch_sharding(self) -> NamedSharding:
+    return batch_sharding(self.mesh, self.rules)

@@ -1,9 +1,11 @@
-"""Keeping a run bounded: at most a few programs in flight, and a watchdog
-that turns SIGTERM, a lost peer or a failed peer into a prompt, one-line
-exit of every process (a save first where the step allows).
+"""Keeping a run bounded and its processes coordinated: work done once on
+process 0 while the others wait (`on_process_0`), at most a few programs in
+flight, and a watchdog that turns SIGTERM, a lost peer or a failed peer into
+a prompt, one-line exit of every process (a save first where the step
+allows).
 
-Processes talk through the jax.distributed key-value store, never through
-collectives, which cannot time out.
+Processes talk through the jax.distributed key-value store, which has
+timeouts, never through collectives, which have none.
 """
 
 import collections
@@ -16,12 +18,60 @@ import time
 
 import jax
 from absl import logging
-
-from zoo import sharding
+from jax._src import distributed
 
 
 def first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [""])[0]
+
+
+def kv_client():
+  """The jax.distributed key-value client of a multi-process run, else None.
+
+  JAX exposes it only as `jax._src.distributed.global_state.client`; the
+  trainer uses it for waits that have a bound (collectives have none)."""
+  return distributed.global_state.client if jax.process_count() > 1 else None
+
+
+class PeerError(RuntimeError):
+  """Another process failed; the message names it and its error."""
+
+
+_rounds = collections.Counter()  # on_process_0 calls so far, by name
+
+
+def on_process_0(fn, name: str):
+  """Runs `fn()` on process 0 while the other processes wait for it, then
+  returns fn's result on process 0 and None elsewhere. If fn raises, every
+  other process raises PeerError with its message, so no process goes on
+  alone.
+
+  The wait is a key-value lookup, not a collective: it ends when process 0
+  answers, and a lost process 0 or SIGTERM ends the run (see zoo.train).
+  Every process must make the same calls in the same order."""
+  client = kv_client()
+  if client is None:
+    return fn()
+  _rounds[name] += 1
+  key = f"zoo/on_process_0/{name}/{_rounds[name]}"
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:
+      client.key_value_set(key, f"{type(e).__name__}: {first_line(e)}")
+      raise
+    client.key_value_set(key, "")
+    return result
+  error = None
+  while error is None:  # in 1 s slices, so that Ctrl-C gets through
+    try:
+      error = client.blocking_key_value_get(key, 1000)
+    except jax.errors.JaxRuntimeError as e:
+      if "DEADLINE_EXCEEDED" not in str(e):
+        raise
+  if error:
+    raise PeerError(f"process 0 failed to {name}: {error}")
+  return None
 
 
 # Programs dispatched and not yet finished, at most (see InFlight).
@@ -56,7 +106,7 @@ def leave(code: int, timeout_s: float, lost=()):
   hosts the key-value store that the others read, so it leaves last: it
   waits, at most `timeout_s`, for every other process but the `lost` ones to
   say it is leaving."""
-  client = sharding.kv_client()
+  client = kv_client()
   try:
     if client is not None and jax.process_index():
       client.key_value_set(f"zoo/leaving/{jax.process_index()}", "")
@@ -93,7 +143,7 @@ class Watchdog:
     Watchdog.runs += 1
     self.timeout_s = timeout_s
     self.interval = min(5.0, timeout_s / 10)  # between heartbeats
-    self.client = sharding.kv_client()
+    self.client = kv_client()
     self.me, self.count = jax.process_index(), jax.process_count()
     self.prefix = f"zoo/run{Watchdog.runs}/"
     self.step = -1  # the last step reached (written by the main thread)

@@ -3,16 +3,16 @@
 `train_and_evaluate(config, workdir)` is the library entry point; `main` is a
 thin absl shell around it that turns configuration errors into exit code 2.
 The train step is `jax.jit` with shardings over a (data, fsdp, tensor) mesh;
-one CPU is a mesh of one, a pod slice the same program.
+one CPU is a mesh of one, a pod slice the same program. `train_step` and
+`eval_step` are public (`make_train_step` binds the model's structure), so
+experiments compile exactly what the trainer runs.
 """
 
-import dataclasses
+import functools
 import os
 import sys
 import time
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,195 +21,74 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from zoo import (checkpoint, host_memory, layers, registry, sharding,
-                 supervise, xla_flags)
+from zoo import (checkpoint, host_memory, layers, plan, sharding, supervise,
+                 xla_flags)
 from zoo.data import pipeline
 from zoo.metrics import MetricsWriter
-
-
-class ConfigError(ValueError):
-  """A configuration the trainer refuses before any compute or file write."""
-
-
-@dataclasses.dataclass
-class Plan:
-  """What a validated config resolves to."""
-
-  task: Any
-  model_config: layers.ModelConfig
-  model_fn: Any  # () -> nnx.Module
-
-
-def plan(config, workdir: str | None = None) -> Plan:
-  """Checks the whole config (and that `workdir`'s checkpoints, if any, fit
-  its model) and resolves its parts; raises ConfigError naming the key and
-  the valid values. Computes and writes nothing."""
-  m = config.model
-  try:
-    task = registry.build("task", config.data.task, seq_len=config.data.seq_len)
-  except ValueError as e:
-    raise ConfigError(f"data.task: {e}") from None
-  try:
-    registry.build("attention", m.attention)  # checks argument values too
-  except ValueError as e:
-    raise ConfigError(f"model.attention: {e}") from None
-  try:
-    registry.validate("position", m.position)
-  except ValueError as e:
-    raise ConfigError(f"model.position: {e}") from None
-  try:
-    model_config = layers.ModelConfig.from_config(config, **task.model_args)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  for key in ("num_train_steps", "batch_size", "log_every_steps",
-              "eval_every_steps", "checkpoint_every_steps", "peer_timeout_s"):
-    if config[key] < 1:
-      raise ConfigError(f"{key}={config[key]} must be >= 1")
-  if config.lr_schedule not in SCHEDULES:
-    raise ConfigError(f"lr_schedule={config.lr_schedule!r}; valid: "
-                      f"{', '.join(SCHEDULES)}")
-  model_cls = registry.get("model", task.model)
-
-  def model_fn():
-    return model_cls(model_config, rngs=nnx.Rngs(config.seed))
-
-  try:
-    abstract_model = nnx.eval_shape(model_fn)  # catches incompatible parts
-  except ValueError as e:
-    raise ConfigError(f"model: {e}") from None
-  if workdir:
-    why = checkpoint.mismatch(os.path.join(workdir, "checkpoints"),
-                              nnx.state(abstract_model))
-    if why:
-      raise ConfigError(f"workdir: {why}")
-  try:
-    shape = sharding.mesh_shape(dict(config.mesh), jax.device_count())
-  except ValueError as e:
-    raise ConfigError(f"mesh: {e}") from None
-  data_parallel = shape[0] * shape[1]
-  if config.batch_size % data_parallel or config.batch_size % jax.process_count():
-    raise ConfigError(
-        f"batch_size={config.batch_size} must be divisible by mesh.data * "
-        f"mesh.fsdp = {data_parallel} and by the {jax.process_count()} "
-        "processes")
-  try:
-    sharding.parse_rules(config.mesh.rules)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  return Plan(task=task, model_config=model_config, model_fn=model_fn)
-
-
-# Learning rate after the linear warmup: cosine decay to a tenth of the
-# peak at num_train_steps, or constant (so that every step of one run is a
-# point of the same recipe, as scaling-law fits over training tokens need).
-SCHEDULES = ("cosine", "constant")
-
-
-def make_optimizer(config) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW with linear warmup then `config.lr_schedule`, global-norm
-  clipping."""
-  if config.lr_schedule == "constant":
-    schedule = optax.join_schedules([
-        optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-        optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
-  else:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps,
-        max(config.num_train_steps, config.warmup_steps + 1),
-        end_value=config.learning_rate * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=config.weight_decay))
-  return tx, schedule
-
-
-@dataclasses.dataclass
-class Setup:
-  """The train state's structure and placement on the mesh."""
-
-  graphdef: Any
-  abstract_state: Any  # nnx.State of jax.ShapeDtypeStruct with shardings
-  state_shardings: Any
-  create: Any  # () -> (model, optimizer)
-
-
-def setup(p: Plan, mesh, axis_rules, tx) -> Setup:
-  """Model and optimizer structure, sharded by the logical axis rules."""
-
-  def create():
-    model = p.model_fn()
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-  shardings = sharding.state_shardings(abstract_state, mesh, axis_rules)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, shardings)
-  return Setup(graphdef, abstract_state, shardings, create)
-
-
-def restore_model(config, workdir: str):
-  """The model of `workdir`'s newest readable checkpoint (e.g. to evaluate
-  or sample), placed on a mesh built from `config`. Raises if there is
-  none."""
-  p = plan(config)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  axis_rules = sharding.parse_rules(config.mesh.rules)
-  s = setup(p, mesh, axis_rules, make_optimizer(config)[0])
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-    state, step = ckpt.restore(s.abstract_state)
-  ckpt.close()
-  if state is None:
-    raise FileNotFoundError(f"no readable checkpoint in {workdir}")
-  return nnx.merge(s.graphdef, state)[0]
+from zoo.plan import ConfigError
 
 
 class NonFiniteError(RuntimeError):
   """Loss or gradients became NaN or infinite."""
 
 
-def _make_train_step(graphdef):
-  """A step that updates only when the loss and every gradient are finite;
-  metrics carry `finite` and, per parameter, whether its gradient was."""
+def train_step(graphdef, state, batch):
+  """One update of the train state `state` (model and optimizer, split by
+  `graphdef`) on `batch`, made only when the loss and every gradient are
+  finite; returns (state, metrics), the metrics carrying `finite` and, per
+  parameter, whether its gradient was."""
+  model, optimizer = nnx.merge(graphdef, state)
+  layers.set_training_step(model, optimizer.step[...])
+  grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
+  (loss, metrics), grads = grad_fn(model)
+  with jax.named_scope("finite_check"):
+    grads_finite = jnp.stack([jnp.isfinite(g).all()
+                              for g in jax.tree.leaves(grads)])
+    finite = jnp.isfinite(loss) & grads_finite.all()
 
-  def train_step(state, batch):
+  def update(state):
     model, optimizer = nnx.merge(graphdef, state)
+    with jax.named_scope("optimizer"):
+      optimizer.update(model, grads)
+    # Evaluation and sampling from this state use the step it reached.
     layers.set_training_step(model, optimizer.step[...])
-    grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
-    (loss, metrics), grads = grad_fn(model)
-    with jax.named_scope("finite_check"):
-      grads_finite = jnp.stack([jnp.isfinite(g).all()
-                                for g in jax.tree.leaves(grads)])
-      finite = jnp.isfinite(loss) & grads_finite.all()
+    return nnx.state((model, optimizer))
 
-    def update(state):
-      model, optimizer = nnx.merge(graphdef, state)
-      with jax.named_scope("optimizer"):
-        optimizer.update(model, grads)
-      # Evaluation and sampling from this state use the step it reached.
-      layers.set_training_step(model, optimizer.step[...])
-      return nnx.state((model, optimizer))
-
-    # A branch, not a select over every leaf: the skipped update costs
-    # nothing and the taken one no extra pass over the state.
-    new_state = jax.lax.cond(finite, update, lambda state: state, state)
-    metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
-                   grads_finite=grads_finite)
-    return new_state, metrics
-
-  return train_step
+  # A branch, not a select over every leaf: the skipped update costs
+  # nothing and the taken one no extra pass over the state.
+  new_state = jax.lax.cond(finite, update, lambda state: state, state)
+  metrics.update(grad_norm=optax.tree.norm(grads), finite=finite,
+                 grads_finite=grads_finite)
+  return new_state, metrics
 
 
-def _eval_step(graphdef, state, batch):
+def make_train_step(graphdef):
+  """`train_step` for states of `graphdef`: (state, batch) -> (state,
+  metrics), ready for jax.jit."""
+  return functools.partial(train_step, graphdef)
+
+
+def eval_step(graphdef, state, batch):
   """Metrics of one eval batch (at the state's training step, which picks
   the draw of attention that redraws random features)."""
   model, _ = nnx.merge(graphdef, state)
   return model.loss(batch)[1]
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def check_workdir(p: plan.Plan, workdir: str) -> None:
+  """Refuses (ConfigError) a workdir whose checkpoints the planned model
+  cannot hold; reads metadata only."""
+  why = checkpoint.mismatch(os.path.join(workdir, "checkpoints"),
+                            nnx.state(p.abstract_model))
+  if why:
+    raise ConfigError(f"workdir: {why}")
+
+
+def train_and_evaluate(config, workdir: str,
+                       planned: plan.Plan | None = None) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest readable
-  checkpoint; returns the last logged metrics.
+  checkpoint; returns the last logged metrics. `planned` is the config's
+  `plan.resolve` when the caller has it (and has checked the workdir).
 
   SIGTERM saves a checkpoint at the next step (one step that all processes
   agree on) and returns. A non-finite loss or gradient raises NonFiniteError
@@ -219,7 +98,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   `config.peer_timeout_s` of SIGTERM, exit 1 with one line (see
   zoo.supervise.Watchdog).
   """
-  p = plan(config, workdir)
+  p = planned
+  if p is None:
+    p = plan.resolve(config)
+    check_workdir(p, workdir)
   watch = supervise.Watchdog(config.peer_timeout_s)
   try:
     return _train(config, workdir, p, watch)
@@ -230,14 +112,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     watch.close()
 
 
-def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
+def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
   """train_and_evaluate's loop; `watch` says when SIGTERM asks to stop."""
-  mesh = sharding.make_mesh(dict(config.mesh))
-  axis_rules = sharding.parse_rules(config.mesh.rules)
+  layout = sharding.Layout.from_config(config.mesh)
   sources = p.task.sources(config.data.dir or None)
-  tx, schedule = make_optimizer(config)
-  s = setup(p, mesh, axis_rules, tx)
-  batch_sharding = sharding.batch_sharding(mesh, axis_rules)
+  tx, schedule = plan.make_optimizer(config)
+  s = plan.setup(p, layout, tx)
+  batch_sharding = layout.batch_sharding()
   param_names = [jax.tree_util.keystr(path) for path, _ in
                  jax.tree_util.tree_flatten_with_path(
                      nnx.state(s.abstract_state, nnx.Param))[0]]
@@ -251,7 +132,7 @@ def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
   train_iter = pipeline.train_iterator(sources["train"],
                                        global_batch=config.batch_size,
                                        seed=config.seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
+  with layout:
     state, start = ckpt.restore(s.abstract_state, train_iter)
     if state is None:
       state = jax.jit(lambda: nnx.state(s.create()),
@@ -260,11 +141,11 @@ def _train(config, workdir: str, p: Plan, watch) -> dict[str, float]:
       logging.info("resumed from step %d", start)
     next_batch = lambda: sharding.global_batch(next(train_iter), batch_sharding)
     batch = next_batch()
-    step_fn = jax.jit(_make_train_step(s.graphdef),
+    step_fn = jax.jit(make_train_step(s.graphdef),
                       donate_argnums=0, out_shardings=(s.state_shardings, None)
                       ).lower(state, batch).compile()
     flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
-    eval_fn = jax.jit(lambda st, b: _eval_step(s.graphdef, st, b))
+    eval_fn = jax.jit(functools.partial(eval_step, s.graphdef))
     log = _Logger(config, workdir, start, schedule, flops)
     in_flight = supervise.InFlight()
     try:
@@ -412,11 +293,6 @@ def _parse_flags(argv):
   sys.exit(2)
 
 
-def _quiet_orbax(record) -> bool:
-  """Drops orbax's per-save INFO lines from the console (warnings stay)."""
-  return record.levelno > 20 or "/orbax/" not in record.pathname
-
-
 def main(argv):
   del argv
   # Before jax starts its CPU backend (see zoo/host_memory.py and
@@ -424,7 +300,7 @@ def main(argv):
   xla_flags.apply()
   if note := host_memory.retain():
     logging.info("%s", note)
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(checkpoint.quiet_orbax)
   f = flags.FLAGS
   if f.config is None or not f.workdir:
     print("config error: --config and --workdir are required", file=sys.stderr)
@@ -440,13 +316,14 @@ def main(argv):
         heartbeat_timeout_seconds=int(2 * timeout_s),
         shutdown_timeout_seconds=int(timeout_s))
   try:
-    plan(f.config, f.workdir)
+    p = plan.resolve(f.config)
+    check_workdir(p, f.workdir)
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     sys.exit(2)
   try:
-    train_and_evaluate(f.config, f.workdir)
-  except (NonFiniteError, sharding.PeerError) as e:
+    train_and_evaluate(f.config, f.workdir, p)
+  except (NonFiniteError, supervise.PeerError) as e:
     logging.error("%s", e)
     if jax.process_count() > 1:
       supervise.leave(1, timeout_s)

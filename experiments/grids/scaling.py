@@ -295,7 +295,7 @@ def analyze(records: list[dict], folder: str) -> str:
     parts.append("Not fitted (fewer than 3 sizes): " + ", ".join(skipped))
   parts.append("Published, for comparison (their N from about 1e5 to 1e9 "
                "and more, D to 1e11 tokens and more; what differs at this "
-               "scale is read in WORKSPACE.md, 'Scaling'):\n\n"
+               "scale is read in experiments/results/FINDINGS.md, 'Scaling'):\n\n"
                + report.markdown_table(["source", "exponent on N",
                                         "exponent on D"],
                                        [list(p) for p in PUBLISHED]))

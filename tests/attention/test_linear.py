@@ -205,10 +205,11 @@ def test_favor_is_stable_for_large_key_norms(d, form):
     assert np.isfinite(out).all()
     ref = numpy_favor(op, q, k, v, allowed_mask(t, t, causal)[:1])
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
-  state = op.init_state(1, g, d)
+  state = op.init_state(1, t, g, d, jnp.float32)
   outs = []
   for i in range(t):
-    state, out = op.step(state, q[:, i], k[:, i], v[:, i])
+    out, state = op.decode_step(state, q[:, i], k[:, i], v[:, i], index=i,
+                                bias=None)
     outs.append(out)
   np.testing.assert_allclose(np.stack(outs, 1), ref, rtol=1e-3, atol=1e-3)
 
@@ -221,16 +222,16 @@ def test_favor_draws_differ_per_layer_head_and_redraw():
   assert not np.allclose(w, op.for_layer(1).projection(D, 2))
   np.testing.assert_array_equal(w, op.for_layer(0).projection(D, 2))
   assert not np.allclose(w, op.projection(D, 2, draw=1))
-  assert op.draw(None) == 0 and op.draw(jnp.array(9)) == 0
-  assert op.draw(jnp.array(10)) == 1
+  assert op.draw() == 0 and op.at_step(jnp.array(9)).draw() == 0
+  assert op.at_step(jnp.array(10)).draw() == 1
   q, k, v = random_qkv(10)
-  at = jax.jit(lambda step: op(q, k, v, causal=True, step=step))
+  at = jax.jit(lambda step: op.at_step(step)(q, k, v, causal=True))
   np.testing.assert_array_equal(at(0), at(9))
   assert not np.allclose(at(0), at(10))
   fixed = registry.build("attention", "linear(feature='favor', "
                          "num_features=8)")
   np.testing.assert_allclose(
-      jax.jit(lambda step: fixed(q, k, v, causal=True, step=step))(500),
+      jax.jit(lambda step: fixed.at_step(step)(q, k, v, causal=True))(500),
       call(fixed, q, k, v, causal=True), rtol=1e-5, atol=1e-6)
 
 
@@ -242,8 +243,8 @@ def test_favor_programs_hold_no_qr():
                       "redraw_every=5)")
   q, k, v = random_qkv(12)
   fixed = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
-  redrawn = jax.jit(lambda q, k, v, step: op(q, k, v, causal=True,
-                                             step=step))
+  redrawn = jax.jit(lambda q, k, v, step: op.at_step(step)(q, k, v,
+                                                          causal=True))
   assert "lapack" in jax.jit(lambda x: jnp.linalg.qr(x)[0]).lower(
       np.eye(4, dtype=np.float32)).as_text().lower()  # what the check sees
   for lowered in (fixed.lower(q, k, v), redrawn.lower(q, k, v, 7)):
@@ -280,14 +281,17 @@ def test_recurrent_steps_equal_causal_op(spec, form):
   kv_heads x F x K give the causal op's outputs."""
   op = registry.build("attention", spec.format(repr(form)))
   q, k, v = random_qkv(3)
-  state = op.init_state(B, G, D)
+  state = op.init_state(B, T, G, D, jnp.float32)
 
-  def body(state, qkv_t):
-    return op.step(state, *qkv_t)
+  def body(state, index_and_qkv_t):
+    index, *qkv_t = index_and_qkv_t
+    out, state = op.decode_step(state, *qkv_t, index=index, bias=None)
+    return state, out
 
   state, out_TxBxHxK = jax.lax.scan(
-      body, state, tuple(jnp.swapaxes(a, 0, 1) for a in (q, k, v)))
-  assert state[0].shape == (B, G, op.feature_dim(D), D)
+      body, state,
+      (jnp.arange(T), *(jnp.swapaxes(a, 0, 1) for a in (q, k, v))))
+  assert state.s_BxGxFxK.shape == (B, G, op.feature_dim(D), D)
   np.testing.assert_allclose(jnp.swapaxes(out_TxBxHxK, 0, 1),
                              call(op, q, k, v, causal=True), atol=2e-5)
 
@@ -319,10 +323,13 @@ def test_favor_estimates_the_softmax_kernel():
 def test_prefill_state_equals_steps():
   op = registry.build("attention", "linear(feature='favor', num_features=8)")
   q, k, v = random_qkv(11)
-  state = op.init_state(B, G, D)
+  empty = op.init_state(B, T, G, D, jnp.float32)
+  state = empty
   for i in range(T):
-    state = op.step(state, q[:, i], k[:, i], v[:, i])[0]
-  for got, want in zip(op.prefill_state(k, v), state):
+    state = op.decode_step(state, q[:, i], k[:, i], v[:, i], index=i,
+                           bias=None)[1]
+  prefilled = op.prefill(empty, q, k, v, index=0, bias=None)[1]
+  for got, want in zip(jax.tree.leaves(prefilled), jax.tree.leaves(state)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

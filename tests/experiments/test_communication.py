@@ -26,6 +26,7 @@ def quick(tmp_path_factory):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_data_parallel_all_reduces_the_gradients_once(quick):
   m = quick["data8"]
   got = m["collectives"]["all-reduce"]["result_bytes"]
@@ -34,6 +35,7 @@ def test_data_parallel_all_reduces_the_gradients_once(quick):
   assert m["param_bytes_per_device"] == m["param_bytes_total"]
 
 
+@pytest.mark.slow
 def test_fsdp_gathers_parameters_once_and_reduces_gradients_once(quick):
   m = quick["fsdp8"]
   c = m["collectives"]
@@ -47,6 +49,7 @@ def test_fsdp_gathers_parameters_once_and_reduces_gradients_once(quick):
   assert m["param_bytes_per_device"] <= total / 8 * 1.05
 
 
+@pytest.mark.slow
 def test_tensor_parallel_all_reduces_activations_per_layer(quick):
   m = quick["tensor8"]
   got = m["collectives"]["all-reduce"]["result_bytes"]

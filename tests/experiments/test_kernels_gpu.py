@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 
@@ -24,6 +26,7 @@ def test_refuses_without_a_gpu():
   assert not out.stdout
 
 
+@pytest.mark.slow
 def test_quick_checks_pass_in_interpret_mode(tmp_path):
   out = run("--quick", f"--out={tmp_path}")
   assert out.returncode == 0, out.stderr[-4000:]

@@ -1,6 +1,8 @@
 """The whole-model throughput benchmark: one measured point, the crossover
 rule and where an op stops fitting."""
 
+import pytest
+
 from experiments import model_throughput
 
 
@@ -35,6 +37,7 @@ def test_longest_fitting_stops_at_the_first_point_over_the_limit():
       [row("x", 256, over=True)], "x") is None
 
 
+@pytest.mark.slow
 def test_a_point_measures_train_and_prefill():
   r = model_throughput.measure("local", 64, 128, repeats=1, limit=1.0,
                                quick=True)

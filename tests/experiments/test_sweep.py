@@ -130,6 +130,7 @@ def test_shards_partition_the_cells(tmp_path, data_dir, num_tasks):
     sweep.shard(sweep.expand(grid), num_tasks, num_tasks)
 
 
+@pytest.mark.slow
 def test_failed_cell_is_reported_and_not_retried(tmp_path, data_dir):
   grid = sweep.load_grid(write_grid(tmp_path, data_dir, {
       "model.num_layers": [1, 0], "seed": [0]}), "quick")
@@ -159,6 +160,7 @@ def test_failed_cell_is_reported_and_not_retried(tmp_path, data_dir):
   assert os.stat(failed).st_mtime_ns != stamp
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_rerunning_finished_cells(tmp_path,
                                                                data_dir):
   axes = {"model.num_layers": [1], "seed": [0, 1]}

@@ -5,7 +5,7 @@ the forward pass for every compatible attention x position pair; writing
 past the capacity is refused; the state each family keeps; BigBird's
 prefix-consistent layout; the cache's sharding."""
 
-import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -72,16 +72,25 @@ def forward_and_decoded(model, tokens_BxT, pieces=PIECES):
   """Full forward logits, those of the tokens fed in `pieces` (prefill for
   a piece of several tokens, decode_step for one), and the final cache."""
   cache = model.init_cache(tokens_BxT.shape[0], tokens_BxT.shape[1])
+
+  def step(cache, token_B):
+    logits_BxV, cache = model.decode_step(token_B, cache)
+    return cache, logits_BxV
+
   logits, start = [], 0
-  for n in pieces:
-    if n == 1:
-      logits_BxV, cache = model.decode_step(tokens_BxT[:, start], cache)
-      logits.append(logits_BxV[:, None])
-    else:
+  for n, run in itertools.groupby(pieces):
+    if n == 1:  # consecutive single steps: one scanned decode step
+      steps = len(list(run))
+      cache, logits_SxBxV = jax.lax.scan(
+          step, cache, tokens_BxT[:, start:start + steps].T)
+      logits.append(logits_SxBxV.swapaxes(0, 1))
+      start += steps
+      continue
+    for _ in run:
       logits_BxNxV, cache = model.prefill(tokens_BxT[:, start:start + n],
                                           cache)
       logits.append(logits_BxNxV)
-    start += n
+      start += n
   assert start == tokens_BxT.shape[1]
   return model(tokens_BxT), jnp.concatenate(logits, axis=1), cache
 

@@ -10,9 +10,9 @@ parameters it closes over (a learned relative bias) get their gradients
 through the same backward pass. Values equal the dense op's up to rounding.
 
 On CPU, self-attention without a padding mask or bias runs the same
-algorithm as one fused C++ kernel (`fused_cpu`), 2.3-2.7x faster than the
-XLA form, which cannot keep a block's scores in cache between its two
-matmuls; `implementation` chooses.
+algorithm as one fused C++ kernel (`fused_cpu`), which keeps a block's
+scores in cache between its two matmuls where the XLA form sends them
+through memory; `implementation` chooses.
 
 Shapes: B batch, T query length, S key length, H heads, G kv heads, R = H // G
 queries per kv head, K head dim, N query blocks of Q rows, M key blocks of C
@@ -36,7 +36,7 @@ class Blockwise(AttentionOp):
   """Softmax attention computed in query x key blocks with an online softmax
   and a recomputing backward pass: memory linear in length. `block_q` query
   rows and `block_k` keys per block (clipped to the lengths) in the XLA
-  form; the defaults were its fastest on CPU. `implementation`: 'xla' (any
+  form; the defaults are sized for CPU caches. `implementation`: 'xla' (any
   device, mask and bias), 'fused' (the C++ kernel: CPU self-attention, no
   padding mask or bias, its own 128 x 256 blocks) or None: 'fused' where it
   applies, else 'xla' (with one warning if the kernel cannot be built)."""

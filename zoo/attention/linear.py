@@ -9,7 +9,7 @@ earlier chunks, carried by a lax.scan over chunks, so time is linear in T.
 On CPU, causal self-attention without a padding mask runs the same chunks
 as one C++ kernel (`fused_cpu.causal_linear`) that keeps each chunk's
 scores and the state in cache; the XLA form sends them through memory, and
-its time grew faster than length once its arrays left the L2 cache
+its time grows faster than length once its arrays leave the L2 cache
 (`implementation` chooses).
 `decode_step` is the same computation as a recurrence over that fixed-size
 state (`RecurrentState`): the RNN view, for decoding; `prefill` runs the
@@ -94,8 +94,8 @@ class Linear(AttentionOp):
   head (`projection`), and with redraw_every = N > 0 redrawn every N
   training steps, as the paper does (0, the default, keeps one draw; the
   model binds the step with `at_step`).
-  num_features defaults to 256 (64 gives about 25% error against exact
-  softmax on unit-scale inputs at head_dim 16). `chunk` is the causal chunk
+  num_features defaults to 256 (the estimate's variance falls as
+  1 / num_features). `chunk` is the causal chunk
   length of the XLA form. `implementation`: 'xla' (any device, masks),
   'fused' (the C++ kernel in fused_cpu: causal CPU self-attention without a
   padding mask, 64-key chunks kept in cache) or None: 'fused' where it

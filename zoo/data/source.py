@@ -4,7 +4,7 @@ splits as random-access sources for grain."""
 import numpy as np
 import tensorflow_datasets as tfds
 
-from zoo import sharding
+from zoo import supervise
 
 
 def prepare_and_load(builder_cls, config, data_dir, splits: dict[str, str]):
@@ -19,7 +19,7 @@ def prepare_and_load(builder_cls, config, data_dir, splits: dict[str, str]):
     builder.download_and_prepare()
     return builder
 
-  builder = sharding.on_process_0(prepare, "prepare data")
+  builder = supervise.on_process_0(prepare, "prepare data")
   if builder is None:  # made after the wait: a builder reads the splits once
     builder = make()
   return {ours: builder.as_data_source(split=theirs)

@@ -11,7 +11,7 @@ cache or continuing one) and `decode_step` (one token), each layer through
 its attention op's own decode state (see zoo/attention/base.py).
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +31,15 @@ __all__ = ["Cache", "EncoderClassifier", "ModelConfig", "TransformerLM",
 @struct.dataclass
 class Cache:
   """A decoder's decode state: the position of the next token, each
-  layer's state (its op's), the capacity, and whether nothing has been
-  written yet (`fresh`: a prompt into an empty cache runs each op's training
-  form). Capacity and freshness are static."""
+  layer's state (its op's) and the capacity (static). `init_cache` sets
+  `index` to the Python int 0, so a prompt prefilled into a cache known to
+  be empty runs each op's training form; after a write it is an int32
+  array (traced under jit), and a jitted function given an empty cache as
+  an argument takes the general path, with the same result."""
 
-  index: jax.Array
+  index: Any
   layers: list
   max_len: int = struct.field(pytree_node=False)
-  fresh: bool = struct.field(pytree_node=False, default=True)
 
 
 class Trunk(nnx.Module):
@@ -76,7 +77,7 @@ class Trunk(nnx.Module):
       raise ValueError(
           f"decoding max_len={max_len} exceeds the {limit} positions of "
           f"position {type(self.position).registry_name}")
-    return Cache(index=jnp.zeros((), jnp.int32), max_len=max_len,
+    return Cache(index=0, max_len=max_len,
                  layers=[block.attention.init_state(batch, max_len)
                          for block in self.blocks])
 
@@ -84,8 +85,7 @@ class Trunk(nnx.Module):
     """Hidden states of T new tokens at positions cache.index.. and the
     cache holding them. Refuses (ValueError) to write past the capacity
     when the index is known; under jit the overflowing rows are NaN."""
-    t = tokens_BxT.shape[1]
-    index = 0 if cache.fresh else cache.index
+    t, index = tokens_BxT.shape[1], cache.index
     if not isinstance(index, jax.core.Tracer) and int(index) + t > cache.max_len:
       first, last = int(index), int(index) + t - 1
       where = f"position {first}" if t == 1 else f"positions {first}..{last}"
@@ -101,8 +101,8 @@ class Trunk(nnx.Module):
       layers.append(state)
     room_T = index + jnp.arange(t) < cache.max_len
     h_BxTxD = jnp.where(room_T[None, :, None], self.norm(x_BxTxD), jnp.nan)
-    return h_BxTxD, Cache(index=cache.index + t, layers=layers,
-                          max_len=cache.max_len, fresh=False)
+    return h_BxTxD, Cache(index=jnp.asarray(index + t, jnp.int32),
+                          layers=layers, max_len=cache.max_len)
 
 
 def parameter_counts(model) -> dict[str, int]:

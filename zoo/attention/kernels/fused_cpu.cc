@@ -36,7 +36,7 @@ namespace {
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 constexpr int W = 16;      // floats per vector
-constexpr int BQ = 128;    // query rows per block (fastest measured)
+constexpr int BQ = 128;    // query rows per block
 constexpr int BK = 256;    // keys per block
 constexpr float NEG = -INFINITY;
 

@@ -3,17 +3,18 @@ XLA FFI, each with its own backward pass.
 
 Why kernels: an XLA:CPU program cannot keep a block of scores in cache
 between the matmuls around it, so every block goes through memory.
-- `attention`, softmax attention for `blockwise`: as XLA it ran 2.3-2.7x
-  slower than PyTorch's fused CPU kernel. The kernel is FlashAttention-2
+- `attention`, softmax attention for `blockwise`: as XLA every block's
+  scores make a round trip through memory between its two matmuls. The
+  kernel is FlashAttention-2
   (online softmax forward, recomputing backward from the saved logsumexp),
   so memory stays linear in length.
 - `causal_linear`, causal linear attention for `linear`: the chunked XLA
-  form's arrays leave the L2 cache as length grows, so its time grew faster
-  than length. The kernel runs the same chunks with each chunk's scores and
+  form's arrays leave the L2 cache as length grows, so its time grows
+  faster than length. The kernel runs the same chunks with each chunk's scores and
   the running state in cache.
 
 The library is compiled on first use with the machine's C++ compiler (`CXX`,
-else `c++`; about 4 s) and cached under `ZOO_CACHE_DIR` (default
+else `c++`) and cached under `ZOO_CACHE_DIR` (default
 ~/.cache/zoo), keyed by the source, the compiler, jaxlib's version and the
 CPU's features (it is built for this CPU with -march=native). Where it
 cannot be built, `unavailable()` says why and callers run XLA instead

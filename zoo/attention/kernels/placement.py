@@ -12,6 +12,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
+from zoo.sharding import BATCH, HEADS
+
 
 def shard_heads(run, q_BxTxHx_, *kv_BxTxGx_, segments_BxT=None):
   """run(q, *kv, segments) -> out_BxTxHx_ for a kernel that XLA cannot
@@ -43,7 +45,7 @@ def mesh_axes(batch_size, num_heads):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None, None, None
-  batch, heads = nn.logical_to_mesh_axes(("batch", "heads"))
+  batch, heads = nn.logical_to_mesh_axes((BATCH, HEADS))
   batch = batch if batch_size % size(mesh, batch) == 0 else None
   heads = heads if num_heads % size(mesh, heads) == 0 else None
   return mesh, batch, heads
