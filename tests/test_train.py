@@ -3,6 +3,7 @@ interrupted run resumes to the same result, bad configs exit 2."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import grain
 import numpy as np
 import pytest
 
+from tests.conftest import make_tiny_config
 from zoo import metrics, plan, train
 from zoo.plan import ConfigError
 from zoo.data import pipeline
@@ -58,11 +60,21 @@ class _CrashingIterator(grain.DatasetIterator):
     self._it.set_state(state)
 
 
+@pytest.fixture(scope="module")
+def whole_run(data_dir, tmp_path_factory):
+  """An uninterrupted run of the tiny config: its workdir and last metrics
+  (trained once per module)."""
+  workdir = tmp_path_factory.mktemp("whole")
+  return workdir, train.train_and_evaluate(make_tiny_config(data_dir),
+                                           str(workdir))
+
+
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted(tiny_config,
                                                          tmp_path,
-                                                         monkeypatch):
-  whole = train.train_and_evaluate(tiny_config, str(tmp_path / "whole"))
+                                                         monkeypatch,
+                                                         whole_run):
+  whole_dir, whole = whole_run
   real = pipeline.train_iterator
   # Dies fetching the batch of step 14; the newest checkpoint is step 10.
   monkeypatch.setattr(pipeline, "train_iterator",
@@ -76,7 +88,7 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_config,
   rows = metrics.read(str(tmp_path / "resumed"))
   assert [r["step"] for r in rows] == [5, 10, 15, 20]
   assert [r["loss"] for r in rows] == [
-      r["loss"] for r in metrics.read(str(tmp_path / "whole"))]
+      r["loss"] for r in metrics.read(str(whole_dir))]
 
 
 def _cli(workdir, *overrides):
@@ -165,10 +177,10 @@ def test_learning_rate_schedules(name, expected):
 
 
 @pytest.mark.slow
-def test_workdir_of_another_model_is_refused(tiny_config, tmp_path):
+def test_workdir_of_another_model_is_refused(tiny_config, tmp_path,
+                                             whole_run):
   workdir = tmp_path / "run"
-  tiny_config.num_train_steps = 5
-  train.train_and_evaluate(tiny_config, str(workdir))
+  shutil.copytree(whole_run[0], workdir)  # a finished run of tiny_config
   before = sorted(os.listdir(workdir / "checkpoints"))
   tiny_config.model.mlp_dim = 48
   with pytest.raises(ConfigError, match=r"parameter trunk/blocks/0/"

@@ -129,16 +129,25 @@ def test_sigterm_saves_the_current_step_and_rerun_continues(tiny_config,
   assert metrics.read(workdir)[-1]["step"] == saved + 5
 
 
-def _train_20(tiny_config, workdir):
-  config = config_of(tiny_config, 20)
-  train.train_and_evaluate(config, workdir)
-  return config
+@pytest.fixture(scope="module")
+def trained_20(data_dir, tmp_path_factory):
+  """The workdir of a finished 20-step run, trained once per module."""
+  workdir = str(tmp_path_factory.mktemp("twenty"))
+  train.train_and_evaluate(config_of(make_tiny_config(data_dir), 20), workdir)
+  return workdir
+
+
+def _train_20(tiny_config, workdir, trained_20):
+  """`workdir`: a copy of the finished 20-step run."""
+  shutil.copytree(trained_20, workdir)
+  return config_of(tiny_config, 20)
 
 
 def test_damaged_newest_step_falls_back_to_the_previous(tiny_config,
-                                                        tmp_path, caplog):
+                                                        tmp_path, caplog,
+                                                        trained_20):
   workdir = str(tmp_path / "run")
-  config = _train_20(tiny_config, workdir)
+  config = _train_20(tiny_config, workdir, trained_20)
   ckpts = os.path.join(workdir, "checkpoints")
   state_dir = os.path.join(ckpts, "20", "state")
   for name in os.listdir(state_dir):  # files gone from the newest step
@@ -157,9 +166,10 @@ def test_damaged_newest_step_falls_back_to_the_previous(tiny_config,
   assert os.path.isdir(os.path.join(workdir, "checkpoints_damaged", "20"))
 
 
-def test_empty_newer_step_folder_falls_back(tiny_config, tmp_path, caplog):
+def test_empty_newer_step_folder_falls_back(tiny_config, tmp_path, caplog,
+                                            trained_20):
   workdir = str(tmp_path / "run")
-  config = _train_20(tiny_config, workdir)
+  config = _train_20(tiny_config, workdir, trained_20)
   os.makedirs(os.path.join(workdir, "checkpoints", "30"))
   config.num_train_steps = 25
   with caplog.at_level("INFO"):

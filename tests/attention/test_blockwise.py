@@ -37,7 +37,7 @@ def assert_matches_reference(q, k, v, allowed, *, spec=SMALL, **kwargs):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("g", [pytest.param(4, marks=pytest.mark.slow), 2, 1])
 def test_matches_dense(causal, g):
   q, k, v = random_qkv(0, g=g)
   assert_matches_reference(q, k, v, allowed_mask(2, 11, 11, causal),
@@ -92,6 +92,7 @@ def test_default_blocks_longer_than_sequence():
                            spec="blockwise")
 
 
+@pytest.mark.slow
 def test_bf16_inputs_give_bf16_close_to_fp32():
   assert_bf16_close_to_fp32(SMALL, seed=6)
 
@@ -100,6 +101,7 @@ def test_causal_outputs_ignore_later_keys():
   assert_causal(SMALL, seed=7)
 
 
+@pytest.mark.slow
 def test_backward_memory_is_linear_in_length():
   op = registry.build(
       "attention", "blockwise(block_q=128, block_k=128, implementation='xla')")
@@ -131,7 +133,7 @@ def test_full_mask_is_refused():
 
 @needs_kernel
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("g", [pytest.param(4, marks=pytest.mark.slow), 2, 1])
 def test_fused_matches_dense(causal, g):
   q, k, v = random_qkv(10, t=37, g=g, d=24)
   assert_matches_reference(q, k, v, allowed_mask(2, 37, 37, causal),

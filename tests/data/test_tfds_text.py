@@ -19,6 +19,7 @@ def test_mock_lm1b_gives_byte_windows():
   np.testing.assert_array_equal(ex["inputs"][1:n], ex["targets"][:n - 1])
 
 
+@pytest.mark.slow  # the fast tier trains in tests/test_toy_family.py
 def test_trainer_runs_on_a_tfds_dataset_by_name(tiny_config, tmp_path):
   tiny_config.data.task = "tfds_text(name='lm1b')"
   tiny_config.num_train_steps = 5

@@ -56,7 +56,8 @@ input_pipeline.flags.FLAGS(["input_pipeline", "--batches=3"])
 config = default.get_config()
 config.batch_size = 8
 config.data.seq_len = 32
-config.data.task = "mqar(num_pairs=4, vocab_size=32, num_train=512, num_eval=64)"
+config.data.task = ("mqar(num_pairs=4, vocab_size=32, num_train=512, "
+                    "num_eval=64)")
 config.data.dir = sys.argv[1]
 rate = input_pipeline.pipeline_rate(config)
 assert rate > 0, rate

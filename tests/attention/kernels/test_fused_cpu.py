@@ -113,6 +113,7 @@ def test_causal_linear_matches_numpy(b, t, h, g, f, k, shifted):
                                rtol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow  # builds the library afresh
 def test_library_is_cached_by_key(tmp_path, monkeypatch):
   monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
   first = fused_cpu._build()

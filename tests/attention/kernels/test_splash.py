@@ -123,24 +123,26 @@ STRIDED = "sparse(pattern='strided', block=32)"
 FIXED = "sparse(pattern='fixed', block=32, summary=4)"
 
 
-def case(like, allowed, causal, padded, grads):
+def case(like, allowed, causal, padded, grads, slow=False):
   name = {STRIDED: "strided", FIXED: "fixed"}.get(like, like.split("(")[0])
   flags = ["causal" if causal else "bidirectional"] + [
       word for word, on in (("padded", padded), ("grads", grads)) if on]
   return pytest.param(like, allowed, causal, padded, grads,
-                      id="-".join([name] + flags))
+                      id="-".join([name] + flags),
+                      marks=[pytest.mark.slow] if grads or slow else [])
 
 
 # Every pattern both ways; gradients (three more kernels to compile) for a
-# part of them.
+# part of them; those and the second case of standard and fixed in the slow
+# tier (the fast tier keeps one case of each pattern).
 CASES = [
     case("standard", standard_allowed, True, True, True),
-    case("standard", standard_allowed, False, False, False),
+    case("standard", standard_allowed, False, False, False, slow=True),
     case("local(window=40)", local_allowed(40), True, True, False),
     case("local(window=40)", local_allowed(40), False, False, True),
     case(STRIDED, strided_allowed(32), True, True, True),
     case(STRIDED, strided_allowed(32), False, True, False),
-    case(FIXED, fixed_allowed(32, 4), True, False, False),
+    case(FIXED, fixed_allowed(32, 4), True, False, False, slow=True),
     case(FIXED, fixed_allowed(32, 4), False, True, False),
     case(BIGBIRD, bigbird_allowed(BIGBIRD, 1, 32), True, True, False),
     case(BIGBIRD, bigbird_allowed(BIGBIRD, 1, 32), False, True, True),
@@ -183,6 +185,7 @@ def test_length_not_a_multiple_of_the_block(like, allowed):
                        causal=True, mask=key_mask(200), grads=False)
 
 
+@pytest.mark.slow
 def test_multi_query_and_no_mask():
   q, k, v = random_qkv(2, g=1)
   assert_matches_dense(interpreted("local(window=40)"), q, k, v,
@@ -200,7 +203,8 @@ def test_bf16_inputs_give_bf16_close_to_fp32():
                              atol=0.05)
 
 
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [pytest.param(True, marks=pytest.mark.slow),
+                                    False])
 def test_gpu_flash_kernel_matches_dense(causal):
   """The Pallas GPU flash kernel (interpret mode): GQA by repeated kv heads;
   48 positions padded to 64 inside (the padding hidden by segment ids)."""
