@@ -118,6 +118,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_the_text_or_one_error_line(text_run,
                                                             tmp_path):
   ok = _cli(f"--workdir={text_run}", "--prompt=JULIET:",

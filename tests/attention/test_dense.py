@@ -45,7 +45,8 @@ OPS = ["standard", "xla"]
 
 
 @pytest.mark.parametrize("name", OPS)
-@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("g", [pytest.param(4, marks=pytest.mark.slow), 2,
+                               pytest.param(1, marks=pytest.mark.slow)])
 def test_bidirectional_matches_numpy(name, g):
   q, k, v = random_qkv(0, g=g)
   out = registry.build("attention", name)(q, k, v)

@@ -18,6 +18,14 @@ from zoo.attention.kernels import fused_cpu, placement
 B, T, H, G, D = 2, 13, 4, 2, 8
 # The causal forms: 'xla' and, where the kernel builds, 'fused'.
 FORMS = ["xla"] + (["fused"] if fused_cpu.unavailable() is None else [])
+# The default form, where it builds: the fast tier's share of FORMS.
+DEFAULT = FORMS[-1]
+
+
+def slow_unless(value, keep):
+  """A parametrize value, marked slow unless it is `keep`."""
+  return value if value == keep else pytest.param(value,
+                                                  marks=pytest.mark.slow)
 needs_kernel = pytest.mark.skipif(fused_cpu.unavailable() is not None,
                                   reason=str(fused_cpu.unavailable()))
 
@@ -78,7 +86,8 @@ def key_mask(s=T):
   return mask
 
 
-@pytest.mark.parametrize("chunk", [4, 5, 13, 64])
+@pytest.mark.parametrize("chunk", [4, slow_unless(5, 4), 13,
+                                   slow_unless(64, 4)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_elu_matches_quadratic_form(chunk, causal):
   q, k, v = random_qkv(0)
@@ -165,7 +174,7 @@ def jnp_quadratic(op, q, k, v):
       0, 2, 1)[..., None]
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", [slow_unless(f, DEFAULT) for f in FORMS])
 @pytest.mark.parametrize("feature", ["elu", "favor"])
 def test_causal_gradients_match_the_quadratic_form(form, feature):
   op = registry.build("attention", f"linear(feature='{feature}', "
@@ -180,8 +189,9 @@ def test_causal_gradients_match_the_quadratic_form(form, feature):
     np.testing.assert_allclose(x, y, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("d,form", [(64, "xla")] + [(d, "fused") for d in (
-    64, 128, 256) if "fused" in FORMS])
+@pytest.mark.parametrize("d,form", [
+    pytest.param(64, "xla", marks=pytest.mark.slow)] + [
+        (d, "fused") for d in (64, 128, 256) if "fused" in FORMS])
 def test_favor_is_stable_for_large_key_norms(d, form):
   """Keys of norm up to 100 (some aligned with a projection row, where the
   unstabilised float32 feature is exp(88+) = inf): parallel, causal (chunked
@@ -263,7 +273,8 @@ def test_elu_refuses_rotary_and_favor_takes_it():
   assert not registry.compatible("linear", "rope")
 
 
-@pytest.mark.parametrize("t,s", [(5, 13), (13, 5)])
+@pytest.mark.parametrize("t,s", [pytest.param(5, 13, marks=pytest.mark.slow),
+                                 (13, 5)])
 def test_causal_unequal_lengths_are_end_aligned(t, s):
   q, k, v = random_qkv(2, t=t, s=s)
   out = call("linear(chunk=4)", q, k, v, causal=True)
@@ -272,7 +283,7 @@ def test_causal_unequal_lengths_are_end_aligned(t, s):
   np.testing.assert_allclose(out, ref, atol=2e-5)
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", [slow_unless(f, DEFAULT) for f in FORMS])
 @pytest.mark.parametrize("spec", ["linear(chunk=4, implementation={})",
                                   "linear(feature='favor', chunk=5, "
                                   "implementation={})"])
@@ -320,6 +331,7 @@ def test_favor_estimates_the_softmax_kernel():
   np.testing.assert_allclose(estimate, exact, rtol=0.04)
 
 
+@pytest.mark.slow
 def test_prefill_state_equals_steps():
   op = registry.build("attention", "linear(feature='favor', num_features=8)")
   q, k, v = random_qkv(11)

@@ -41,7 +41,8 @@ def assert_matches_reference(q, k, v, allowed, *, window, **kwargs):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("g", [4, 2, 1])
+@pytest.mark.parametrize("g", [pytest.param(4, marks=pytest.mark.slow), 2,
+                               pytest.param(1, marks=pytest.mark.slow)])
 def test_matches_dense_with_band(causal, g):
   # 11 positions in blocks of 3: the last block is padded.
   q, k, v = random_qkv(0, g=g)

@@ -87,7 +87,8 @@ SPARSE = [("sparse(pattern='strided', block=4)",
 
 
 @pytest.mark.parametrize("spec,allowed", SPARSE)
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False,
+                                                       marks=pytest.mark.slow)])
 @pytest.mark.parametrize("padded", [False, True])
 def test_sparse_matches_dense_with_pattern_mask(spec, allowed, causal, padded):
   q, k, v = random_qkv(0)
@@ -196,7 +197,8 @@ def test_multi_query_attention(spec, allowed):
 
 
 @pytest.mark.parametrize("spec,allowed", ALL)
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("causal", [True, pytest.param(False,
+                                                       marks=pytest.mark.slow)])
 def test_bias_is_evaluated_on_gathered_positions(spec, allowed, causal):
   q, k, v = random_qkv(4)
   slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])

@@ -63,6 +63,7 @@ def test_classifier_ignores_padding():
   assert model(TOKENS, mask).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_dtype_and_param_dtype_are_honoured():
   model = Trunk(ModelConfig(vocab_size=50, seq_len=12, attention="standard",
                             position="learned", num_layers=1, embed_dim=32,
@@ -108,6 +109,7 @@ def test_learned_table_shorter_than_sequence_is_refused():
           causal=True, rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 def test_learned_positions_start_at_the_token_embeddings_scale():
   model = registry.get("model", "lm")(ModelConfig(
       vocab_size=512, seq_len=256, attention="standard", position="learned",

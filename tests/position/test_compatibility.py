@@ -81,8 +81,15 @@ def train_losses(attention: str) -> dict[str, np.ndarray]:
   return dict(zip(positions, np.stack(losses, axis=1)))
 
 
+# Every op in the full suite; one of each kind (softmax, windowed,
+# kernel linear) in the fast tier.
+FAST_ATTENTION = ("standard", "local", "linear")
+
+
 @pytest.mark.parametrize("position", registry.names("position"))
-@pytest.mark.parametrize("attention", registry.names("attention"))
+@pytest.mark.parametrize("attention", [
+    a if a in FAST_ATTENTION else pytest.param(a, marks=pytest.mark.slow)
+    for a in registry.names("attention")])
 def test_pair_trains_or_is_refused(attention, position):
   spec = attention_spec(attention)
   if registry.compatible(attention, position):
