@@ -36,13 +36,23 @@ def _inputs(t, batch, dtype=jnp.float32):
           for k in keys]
 
 
+def _gates(op, t, batch):
+  """Fixed gates for an op that takes them: log forget gates g in about
+  (-1, 0) per kv head and step, beta in (0, 1), Mamba-2's skip d ones."""
+  logits = jax.random.normal(jax.random.key(2), (batch, t, HEADS))
+  made = {"g": jax.nn.log_sigmoid(logits + 3.0),
+          "beta": jax.nn.sigmoid(logits), "d": jnp.ones_like(logits)}
+  return {name: made[name] for name in op.gates}
+
+
 def measure(spec: str, t: int, repeats: int, limit: float, batch: int = 1):
   op = registry.build("attention", spec)
-  forward = jax.jit(lambda q, k, v: op(q, k, v, causal=True))
+  gates = _gates(op, t, batch)
+  forward = jax.jit(lambda q, k, v: op(q, k, v, causal=True, **gates))
   cotangent = jax.random.normal(jax.random.key(1),
                                 (batch, t, HEADS, HEAD_DIM))
   both = jax.jit(jax.grad(lambda q, k, v: jnp.vdot(
-      op(q, k, v, causal=True), cotangent), argnums=(0, 1, 2)))
+      op(q, k, v, causal=True, **gates), cotangent), argnums=(0, 1, 2)))
   args = _inputs(t, batch)
   row = {"op": spec, "length": t}
   for name, fn in (("forward", forward), ("forward_backward", both)):

@@ -54,7 +54,7 @@ OPS = ["blockwise", "bigbird", "local", "linear", "linear(feature='favor')"]
 def _family(op, cache) -> str:
   """The decode state of `op`, in words: its state's class, and for a KV
   cache whether a pattern narrows the keys a query reads."""
-  name = type(cache.layers[0]).__name__
+  name = type(cache.layers[0][0]).__name__
   pattern = type(op).cache_rows is not AttentionOp.cache_rows
   return {"KVCache": "KV cache + pattern row" if pattern else "KV cache",
           "Ring": "ring buffer",

@@ -59,6 +59,12 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_heads={self.num_heads} must be divisible "
                        f"by model.num_kv_heads={self.num_kv_heads}")
+    n = len(stack_specs(self.attention))
+    if self.num_layers % n:
+      raise ValueError(
+          f"model.attention={self.attention!r} lists {n} layer specs, which "
+          f"does not divide model.num_layers={self.num_layers}; list one "
+          "spec, or a number of specs that divides the layers")
 
   @classmethod
   def from_config(cls, config, **task_args) -> "ModelConfig":
@@ -81,6 +87,16 @@ class ModelConfig:
     return self.embed_dim // self.num_heads
 
 
+def stack_specs(attention: str) -> list[str]:
+  """The attention specs of a stack, `'gla;gla;standard'` (cycled over the
+  layers), one per `;`-separated part."""
+  specs = [spec.strip() for spec in attention.split(";")]
+  if not all(specs):
+    raise ValueError(f"model.attention={attention!r} has an empty layer spec; "
+                     "write one spec or 'spec;spec;...'")
+  return specs
+
+
 def _fan_in_init(in_axis, out_axis):
   """LeCun normal with the fan-in taken over `in_axis` of a multi-axis
   einsum kernel: q, k and v (DxHxK) have fan-in D, the output projection
@@ -90,24 +106,31 @@ def _fan_in_init(in_axis, out_axis):
 
 def build_attention_and_position(config: ModelConfig, *, causal: bool,
                                  rngs: nnx.Rngs
-                                 ) -> tuple[AttentionOp, Position]:
-  """Builds both parts from their specs and refuses incompatible pairs
-  (before building the position, which may hold parameters). `causal` tells
-  direction-aware encodings (T5's buckets) whether the model is a decoder."""
-  op = registry.build("attention", config.attention)
+                                 ) -> tuple[list[AttentionOp], Position]:
+  """Builds each layer's op (the stack's specs cycled over the layers, each
+  op for its layer) and the position, refusing incompatible pairs before
+  building the position, which may hold parameters. `causal` tells
+  direction-aware encodings (T5's buckets) whether the model is a
+  decoder."""
+  specs = stack_specs(config.attention)
   kind = registry.get("position", registry.parse(config.position)[0]).kind
-  if kind not in op.positions:
-    works = [p for p in registry.names("position")
-             if registry.get("position", p).kind in op.positions]
-    raise ValueError(
-        f"attention {config.attention!r} cannot take position "
-        f"{config.position!r} (a {kind} encoding); with this attention use "
-        f"one of: {', '.join(works)}")
+  built = {}
+  for spec in specs:
+    op = built[spec] = registry.build("attention", spec)
+    if kind not in op.positions:
+      works = [p for p in registry.names("position")
+               if registry.get("position", p).kind in op.positions]
+      raise ValueError(
+          f"attention {spec!r} cannot take position {config.position!r} (a "
+          f"{kind} encoding); with this attention use one of: "
+          f"{', '.join(works)}")
+  ops = [built[specs[i % len(specs)]].for_layer(i)
+         for i in range(config.num_layers)]
   pe = registry.build("position", config.position,
                       embed_dim=config.embed_dim, num_heads=config.num_heads,
                       seq_len=config.seq_len, causal=causal, rngs=rngs,
                       param_dtype=config.parameter_dtype)
-  return op, pe
+  return ops, pe
 
 
 class TrainingStep(nnx.Variable):
@@ -148,6 +171,9 @@ class MultiHeadAttention(nnx.Module):
     self.num_kv_heads, self.head_dim, self.dtype = g, k, dtype
     if op.redraws:
       self.training_step = TrainingStep(jnp.zeros((), jnp.int32))
+    self.part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g,
+                              head_dim=k, rngs=rngs, dtype=dtype,
+                              param_dtype=param_dtype)
 
     def proj(spec, shape, names, init):
       return nnx.Einsum(spec, shape, kernel_init=logical(init, *names),
@@ -179,10 +205,18 @@ class MultiHeadAttention(nnx.Module):
                mask_BxT: Optional[jax.Array] = None):
     q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._qkv(
         x_BxTxD, position, jnp.arange(x_BxTxD.shape[1]))
+    gates = {}
+    if self.part is not None:
+      with jax.named_scope("layer_part"):
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, gates, _ = self.part.inputs(
+            x_BxTxD, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, None)
     with jax.named_scope("attention_op"):
       out_BxTxHxK = self.bound_op()(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                     causal=self.causal, mask=mask_BxT,
-                                    bias=position.bias())
+                                    bias=position.bias(), **gates)
+    if self.part is not None:
+      with jax.named_scope("layer_part"):
+        out_BxTxHxK = self.part.output(x_BxTxD, out_BxTxHxK)
     with jax.named_scope("out_projection"):
       return over_tokens(self.out, out_BxTxHxK)
 
@@ -193,8 +227,10 @@ class MultiHeadAttention(nnx.Module):
     if not self.causal:
       raise ValueError("decoding needs causal attention (a decoder LM); this "
                        "attention is bidirectional")
-    return _constrain_state(self.op.init_state(
-        batch, max_len, self.num_kv_heads, self.head_dim, self.dtype))
+    part = None if self.part is None else self.part.init_state(batch,
+                                                                self.dtype)
+    return _constrain_state((self.op.init_state(
+        batch, max_len, self.num_kv_heads, self.head_dim, self.dtype), part))
 
   def decode(self, x_BxTxD, position: Position, state, index):
     """Causal attention of T new tokens at positions index.. against the
@@ -203,16 +239,26 @@ class MultiHeadAttention(nnx.Module):
     t = x_BxTxD.shape[1]
     q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._qkv(
         x_BxTxD, position, index + jnp.arange(t))
+    op_state, part_state = state
+    gates = {}
+    if self.part is not None:
+      q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, gates, part_state = self.part.inputs(
+          x_BxTxD, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, part_state)
     op = self.bound_op()
     if t == 1:
-      out_BxHxK, state = op.decode_step(
-          state, q_BxTxHxK[:, 0], k_BxTxGxK[:, 0], v_BxTxGxK[:, 0],
-          index=index, bias=position.bias())
+      out_BxHxK, op_state = op.decode_step(
+          op_state, q_BxTxHxK[:, 0], k_BxTxGxK[:, 0], v_BxTxGxK[:, 0],
+          index=index, bias=position.bias(),
+          **{key: x[:, 0] for key, x in gates.items()})
       out_BxTxHxK = out_BxHxK[:, None]
     else:
-      out_BxTxHxK, state = op.prefill(state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
-                                      index=index, bias=position.bias())
-    return over_tokens(self.out, out_BxTxHxK), _constrain_state(state)
+      out_BxTxHxK, op_state = op.prefill(
+          op_state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, index=index,
+          bias=position.bias(), **gates)
+    if self.part is not None:
+      out_BxTxHxK = self.part.output(x_BxTxD, out_BxTxHxK)
+    return (over_tokens(self.out, out_BxTxHxK),
+            _constrain_state((op_state, part_state)))
 
 
 def over_tokens(layer, x_BxTx___):

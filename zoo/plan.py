@@ -37,7 +37,8 @@ def resolve(config) -> Plan:
   except ValueError as e:
     raise ConfigError(f"data.task: {e}") from None
   try:
-    registry.build("attention", m.attention)  # checks argument values too
+    for spec in layers.stack_specs(m.attention):
+      registry.build("attention", spec)  # checks argument values too
   except ValueError as e:
     raise ConfigError(f"model.attention: {e}") from None
   try:

@@ -39,8 +39,10 @@ _PARTS: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in KINDS}
 # the training step it binds to ops that redraw (`op.at_step`).
 _CONTEXT = ("rngs", "dtype", "param_dtype", "layer", "step")
 
-# Length at which `python -m zoo.registry` reports each op's key budget.
+# Length at which `python -m zoo.registry` reports each op's key budget and
+# decode state, and the head dim of the state it reports.
 _BUDGET_LENGTH = 4096
+_STATE_HEAD_DIM = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,9 @@ def main():
         op = build(kind, name)
         print(f"      keys per query at length {_BUDGET_LENGTH}: causal "
               f"{op.keys_per_query(_BUDGET_LENGTH, True):.0f}, bidirectional "
-              f"{op.keys_per_query(_BUDGET_LENGTH, False):.0f}")
+              f"{op.keys_per_query(_BUDGET_LENGTH, False):.0f}; decode state "
+              f"per kv head of dim {_STATE_HEAD_DIM}: "
+              f"{op.state_size(_BUDGET_LENGTH, 1, _STATE_HEAD_DIM)} floats")
   positions = names("position")
   width = max(map(len, positions)) + 1
   print("\n[attention x position]  (masks: causal, padding [batch, kv_len]; "

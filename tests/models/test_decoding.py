@@ -30,7 +30,8 @@ SEQ_LEN, VOCAB = 16, 32
 PIECES = (5, 3, 1, 1, 1, 1, 4)
 # As tests/position/test_compatibility.py: arguments that keep ops tiny.
 SMALL_ARGS = {"window": 4, "block": 4, "block_q": 4, "block_k": 4,
-              "chunk": 4, "num_random": 1, "num_features": 8}
+              "chunk": 4, "num_random": 1, "num_features": 8,
+              "feature_dim": 4}
 # Variants beyond each op's (small) defaults, each with one position:
 # FAVOR+, the fixed pattern, BigBird with enough blocks for random ones,
 # splash of each pattern.

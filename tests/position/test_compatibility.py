@@ -20,7 +20,8 @@ SEQ_LEN, VOCAB = 16, 16
 # Spec arguments that keep an op tiny at SEQ_LEN, applied to every op that has
 # an argument of that name (so ops registered later are sized too).
 SMALL_ARGS = {"window": 4, "block": 4, "block_q": 4, "block_k": 4,
-              "chunk": 4, "num_random": 1, "num_features": 8}
+              "chunk": 4, "num_random": 1, "num_features": 8,
+              "feature_dim": 4}
 
 
 def attention_spec(name: str) -> str:

@@ -10,6 +10,10 @@ An op is a frozen dataclass whose fields are its spec arguments, called as
   real) or, for ops with `full_mask`, BxTxS.
 - `bias`: a callable (q_pos_T, k_pos_S) -> HxTxS of additive logits, so ops
   that visit blocks evaluate it only on the blocks they visit.
+- gates, keywords named as flash-linear-attention names them, for the ops
+  that declare them (`gates`): `g`, a log forget gate (<= 0) BxSxG or
+  BxSxGxK, and `beta`, BxSxG in (0, 1). An op that takes no gates is refused
+  one; an op missing one it needs is refused too.
 Logits and softmax are computed in fp32; the output has q's dtype. A query
 with no key to attend to gets a zero output.
 
@@ -38,6 +42,11 @@ callable takes absolute positions. The base class is softmax attention over
 a KV cache of fixed capacity (`KVCache`); a pattern op narrows the keys a
 query sees with `cache_rows`; other families override the three methods.
 `state_size` reports the state's floats per layer at a length.
+
+A family's parameters around its op (feature maps, gate projections, short
+convolutions, output gates and norms) are its layer part: `layer_part`
+returns an nnx.Module (see `LayerPart`) that the shared attention layer
+calls before and after the op, so the layer holds no per-family code.
 """
 
 import dataclasses
@@ -46,7 +55,7 @@ from typing import Callable, ClassVar, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import nnx, struct
 
 Bias = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -64,12 +73,25 @@ class AttentionOp:
   # Whether the op redraws random structure during training and so must be
   # bound to the training step (`at_step`).
   redraws: ClassVar[bool] = False
+  # The gate keywords the op needs (see the module docstring).
+  gates: ClassVar[tuple[str, ...]] = ()
+  # Whether v's head dim may differ from q's and k's (a state K x V).
+  any_value_dim: ClassVar[bool] = False
 
   def __call__(self, q, k, v, *, causal: bool = False,
                mask: Optional[jax.Array] = None,
-               bias: Optional[Bias] = None) -> jax.Array:
-    self.check(q, k, v, mask, bias)
-    return self.attend(q, k, v, causal=causal, mask=mask, bias=bias)
+               bias: Optional[Bias] = None, **gates) -> jax.Array:
+    self.check(q, k, v, mask, bias, gates)
+    return self.attend(q, k, v, causal=causal, mask=mask, bias=bias, **gates)
+
+  def layer_part(self, *, embed_dim: int, num_heads: int, num_kv_heads: int,
+                 head_dim: int, rngs: nnx.Rngs, dtype,
+                 param_dtype) -> Optional["LayerPart"]:
+    """The family's own parameters around the op in the shared attention
+    layer, or None (plain q, k, v projections)."""
+    del embed_dim, num_heads, num_kv_heads, head_dim, rngs, dtype
+    del param_dtype
+    return None
 
   def attend(self, q, k, v, *, causal, mask, bias):
     raise NotImplementedError
@@ -107,11 +129,12 @@ class AttentionOp:
     return (jnp.arange(capacity)[None, :] <= positions_T[:, None])[None]
 
   def prefill(self, state: "KVCache", q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *,
-              index, bias: Optional[Bias]):
+              index, bias: Optional[Bias], **gates):
     """(out_BxTxHxK, state) of T new tokens at positions index.. (see the
     module docstring). Into an empty cache (index the Python int 0) the op
     itself runs on the prompt, so its outputs are the forward pass's;
     otherwise the new queries attend the cache and each other."""
+    del gates  # softmax ops take none (refused by `check` in training)
     if isinstance(index, int) and index == 0:
       out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
     else:
@@ -121,12 +144,14 @@ class AttentionOp:
     return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
 
   def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index,
-                  bias: Optional[Bias]):
+                  bias: Optional[Bias], **gates):
     """(out_BxHxK, state): the query at position `index` attends the state
-    and its own key, which the state then takes in."""
+    and its own key, which the state then takes in. Gates are BxG or
+    BxGxK, one step's."""
     out_Bx1xHxK, state = self.prefill(
         state, q_BxHxK[:, None], k_BxGxK[:, None], v_BxGxK[:, None],
-        index=jnp.asarray(index, jnp.int32), bias=bias)
+        index=jnp.asarray(index, jnp.int32), bias=bias,
+        **{key: x[:, None] for key, x in gates.items()})
     return out_Bx1xHxK[:, 0], state
 
   def _attend_cache(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, index,
@@ -175,9 +200,11 @@ class AttentionOp:
           allowed, (num_heads, rows.shape[0], t)).sum(dtype=np.int64)
     return float(total) / (t * num_heads)
 
-  def check(self, q, k, v, mask, bias):
+  def check(self, q, k, v, mask, bias, gates=None):
     name = type(self).registry_name
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+    same_value = v.shape == k.shape or (
+        self.any_value_dim and v.shape[:3] == k.shape[:3])
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or not same_value:
       raise ValueError(
           f"attention {name}: want q [batch, q_len, heads, head_dim] and k, v "
           f"[batch, kv_len, kv_heads, head_dim]; got q {q.shape}, k {k.shape},"
@@ -197,6 +224,21 @@ class AttentionOp:
     if bias is not None and "bias" not in self.positions:
       raise ValueError(
           f"attention {name} cannot take an additive position bias")
+    given = set(gates or ())
+    if given != set(self.gates):
+      unknown, missing = given - set(self.gates), set(self.gates) - given
+      wants = ", ".join(self.gates) or "none"
+      raise ValueError(
+          f"attention {name} takes gates: {wants}; got "
+          + (f"unknown {', '.join(sorted(unknown))}" if unknown
+             else f"none for {', '.join(sorted(missing))}"))
+    b, s, g = k.shape[:3]
+    for key, value in (gates or {}).items():
+      if value.shape[:3] != (b, s, g) or value.ndim not in (3, 4):
+        raise ValueError(
+            f"attention {name}: gate {key} must be [batch, kv_len, kv_heads]"
+            f" or [batch, kv_len, kv_heads, head_dim] = {(b, s, g)}...; got "
+            f"{value.shape}")
 
 
 def positions_qk(t: int, s: int):
@@ -300,3 +342,29 @@ def after(out, *xs):
   of copying it every step."""
   zero = 0.0 * out.reshape(-1)[0].astype(jnp.float32)
   return tuple((x.astype(jnp.float32) + zero).astype(x.dtype) for x in xs)
+
+
+class LayerPart(nnx.Module):
+  """A family's layer part: its parameters around the op in the shared
+  attention layer. The layer projects x to q, k, v (its usual projections),
+  then calls `inputs`, the op, and `output`, then its output projection;
+  when decoding it keeps the part's own state (a short convolution's last
+  inputs) beside the op's."""
+
+  def inputs(self, x_BxTxD, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, state):
+    """(q, k, v, gates, state): the op's inputs and gate keywords from the
+    layer's projections and input, and the part's decode state after these
+    T tokens (`state` None in training: no tokens before)."""
+    del x_BxTxD
+    return q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, {}, state
+
+  def output(self, x_BxTxD, out_BxTxHxK):
+    """The op's output made ready for the output projection (H x K)."""
+    del x_BxTxD
+    return out_BxTxHxK
+
+  def init_state(self, batch: int, dtype):
+    """The part's empty decode state (None: it keeps none), laid out batch
+    x channels x ... like the ops' states."""
+    del batch, dtype
+    return None

@@ -38,6 +38,7 @@ from flax import struct
 
 from zoo import registry
 from zoo.attention.kernels import fused_cpu, placement
+from zoo.attention import parts
 from zoo.attention.base import AttentionOp, group_queries
 
 _EPS = 1e-6  # added to FAVOR+ key features (relative to each key's largest)
@@ -100,6 +101,9 @@ class Linear(AttentionOp):
   'fused' (the C++ kernel in fused_cpu: causal CPU self-attention without a
   padding mask, 64-key chunks kept in cache) or None: 'fused' where it
   applies, else 'xla' (with one warning if the kernel cannot be built).
+  `short_conv=W` > 0 puts a causal depthwise convolution of width W (SiLU)
+  on q, k and v in the layer (`parts.ConvPart`), as Zoology's and
+  flash-linear-attention's linear baselines have.
 
   Rotary positions are refused with elu features: elu(Rq) + 1 of rotated
   q and k makes scores depend on absolute position. With FAVOR+, rotating q
@@ -115,6 +119,7 @@ class Linear(AttentionOp):
   seed: int = 0
   layer: int = 0
   implementation: str | None = None
+  short_conv: int = 0
   step: Any = dataclasses.field(default=None, compare=False, repr=False)
 
   def __post_init__(self):
@@ -124,7 +129,7 @@ class Linear(AttentionOp):
           f"attention linear(feature=...) must be 'elu' or 'favor'; "
           f"got {self.feature!r}")
     for name, low in (("num_features", 1), ("chunk", 1), ("redraw_every", 0),
-                      ("seed", 0)):
+                      ("seed", 0), ("short_conv", 0)):
       if getattr(self, name) < low:
         raise ValueError(
             f"attention linear({name}=...) must be >= {low}; "
@@ -139,6 +144,15 @@ class Linear(AttentionOp):
   def feature_dim(self, head_dim: int) -> int:
     """F, the size of phi(x) for head vectors of size head_dim."""
     return head_dim if self.feature == "elu" else self.num_features
+
+  def layer_part(self, *, embed_dim, num_heads, num_kv_heads, head_dim, rngs,
+                 dtype, param_dtype):
+    del embed_dim
+    if not self.short_conv:
+      return None
+    return parts.ConvPart(num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          head_dim=head_dim, width=self.short_conv,
+                          rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   @property
   def redraws(self) -> bool:
@@ -308,8 +322,10 @@ class Linear(AttentionOp):
     f = self.feature_dim(head_dim)
     return kv_heads * (f * head_dim + f + 1)
 
-  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias,
+              **gates):
     """The chunked causal form started from `state`: (out, final state)."""
+    del gates  # this op takes none (refused by `check`)
     del index, bias  # no bias (refused when built)
     b, t, h, d = q_BxTxHxK.shape
     g = k_BxTxGxK.shape[2]
@@ -320,9 +336,11 @@ class Linear(AttentionOp):
         phi_k_BxTxGxF, shift_BxTxG, v_BxTxGxK.astype(jnp.float32), state)
     return out.reshape(b, t, h, d).astype(q_BxTxHxK.dtype), state
 
-  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias,
+                  **gates):
     """One causal step: adds the key to the state, then attends the query;
     the same output as the causal op."""
+    del gates  # this op takes none (refused by `check`)
     del index, bias
     state_BxGxFxK, z_BxGxF, max_BxG = (state.s_BxGxFxK, state.z_BxGxF,
                                        state.max_BxG)

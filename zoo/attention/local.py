@@ -61,10 +61,12 @@ class Local(AttentionOp):
   def state_size(self, length, kv_heads, head_dim):
     return 2 * kv_heads * head_dim * min(self.window, length)
 
-  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias,
+              **gates):
     """Into an empty ring (index the Python int 0) the op runs on the
     prompt; otherwise the new queries attend the ring's keys within the
     window and the new keys."""
+    del gates  # this op takes none (refused by `check`)
     t, w = q_BxTxHxK.shape[1], state.k_BxGxWxK.shape[2]
     if isinstance(index, int) and index == 0:
       out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
@@ -82,7 +84,9 @@ class Local(AttentionOp):
       k_BxTxGxK, v_BxTxGxK = after(out, k_BxTxGxK, v_BxTxGxK)
     return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
 
-  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias,
+                  **gates):
+    del gates  # this op takes none (refused by `check`)
     out_Bx1xHxK, state = self.prefill(
         state, q_BxHxK[:, None], k_BxGxK[:, None], v_BxGxK[:, None],
         index=jnp.asarray(index, jnp.int32), bias=bias)

@@ -46,8 +46,8 @@ class Trunk(nnx.Module):
   """Token embedding, positions, a stack of blocks, final norm."""
 
   def __init__(self, config: ModelConfig, *, causal: bool, rngs: nnx.Rngs):
-    op, self.position = build_attention_and_position(config, causal=causal,
-                                                     rngs=rngs)
+    ops, self.position = build_attention_and_position(config, causal=causal,
+                                                      rngs=rngs)
     self.embed = nnx.Embed(
         config.vocab_size, config.embed_dim, dtype=config.compute_dtype,
         param_dtype=config.parameter_dtype,
@@ -55,8 +55,8 @@ class Trunk(nnx.Module):
                                EMBED),
         rngs=rngs)
     self.blocks = nnx.List([
-        TransformerBlock(config, op.for_layer(i), causal=causal, rngs=rngs)
-        for i in range(config.num_layers)])
+        TransformerBlock(config, op, causal=causal, rngs=rngs)
+        for op in ops])
     self.norm = rms_norm(config.embed_dim, rngs, config.compute_dtype,
                          config.parameter_dtype)
 

@@ -133,14 +133,18 @@ class Splash(AttentionOp):
   def cache_rows(self, positions_T, capacity, num_heads):
     return self.pattern.cache_rows(positions_T, capacity, num_heads)
 
-  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias):
+  def prefill(self, state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, *, index, bias,
+              **gates):
+    del gates  # this op takes none (refused by `check`)
     if isinstance(index, int) and index == 0:
       out = self(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, causal=True, bias=bias)
       return out, state.write(k_BxTxGxK, v_BxTxGxK, index)
     return self.pattern.prefill(state, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK,
                                 index=index, bias=bias)
 
-  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias):
+  def decode_step(self, state, q_BxHxK, k_BxGxK, v_BxGxK, *, index, bias,
+                  **gates):
+    del gates  # this op takes none (refused by `check`)
     return self.pattern.decode_step(state, q_BxHxK, k_BxGxK, v_BxGxK,
                                     index=index, bias=bias)
 

@@ -1,0 +1,78 @@
+"""GLA (zoo/attention/gla.py): the low-rank per-key-dim forget gate into
+the op, RMSNorm and the swish gate out (checked in numpy); a model decodes
+like its forward pass, trains, and is listed; rotary positions refused."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.attention import recurrent_family as family
+from zoo import registry
+
+SPEC = "gla(chunk=4)"
+
+
+def part_and_inputs(seed=0, b=2, t=6, d=16, h=4, g=2, k=4, spec=SPEC):
+  op = registry.build("attention", spec)
+  part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g, head_dim=k,
+                       rngs=nnx.Rngs(seed), dtype=np.float32,
+                       param_dtype=np.float32)
+  rng = np.random.default_rng(seed)
+  return part, [rng.standard_normal(shape).astype(np.float32) for shape in
+                ((b, t, d), (b, t, h, k), (b, t, g, k), (b, t, g, k))]
+
+
+def test_part_feeds_a_low_rank_logsigmoid_gate_per_key_dim():
+  part, (x, q, k, v) = part_and_inputs(spec="gla(gate_rank=3)")
+  q2, k2, v2, gates, _ = part.inputs(x, q, k, v, None)
+  x64 = x.astype(np.float64)
+  logits = np.einsum("btr,rgk->btgk", x64 @ np.asarray(
+      part.gate_down.kernel[...]), np.asarray(part.gate_up.kernel[...])
+                     ) + np.asarray(part.gate_up.bias[...])
+  want = -np.log1p(np.exp(-logits)) / 16
+  assert part.gate_down.kernel.shape == (16, 3)
+  assert gates["g"].shape == (2, 6, 2, 4) and (np.asarray(gates["g"]) < 0
+                                               ).all()
+  np.testing.assert_allclose(gates["g"], want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(q2, q / 2, rtol=1e-6)
+  np.testing.assert_array_equal(k2, k)
+  np.testing.assert_array_equal(v2, v)
+
+
+def test_part_output_is_rms_norm_times_swish_gate():
+  part, (x, q, _, _) = part_and_inputs(1)
+  out = np.asarray(part.output(x, q), np.float64)
+  o = q.astype(np.float64)
+  normed = o / np.sqrt((o * o).mean(-1, keepdims=True) + 1e-5)
+  gate = np.einsum("btd,dhk->bthk", x, np.asarray(part.out_gate.kernel[...]))
+  np.testing.assert_allclose(out, normed * gate / (1 + np.exp(-gate)),
+                             rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_model_decodes_like_its_forward_pass():
+  diff, scale = family.decoding_error(SPEC)
+  assert scale > 0.1 and diff < 2e-5
+
+
+@pytest.mark.slow
+def test_short_conv_model_decodes_like_its_forward_pass():
+  diff, scale = family.decoding_error("gla(chunk=4, short_conv=3)")
+  assert scale > 0.1 and diff < 2e-5
+
+
+@pytest.mark.slow
+def test_model_trains_a_step():
+  losses = family.train_step_losses(SPEC)
+  assert np.isfinite(losses).all() and losses[1] < losses[0]
+
+
+def test_refuses_rotary_positions_and_is_listed(capsys):
+  with pytest.raises(ValueError, match=r"attention 'gla\(chunk=4\)' cannot "
+                     r"take position 'rope'"):
+    family.lm(SPEC, "rope")
+  with pytest.raises(ValueError, match=r"gla\(gate_rank=\.\.\.\) must be >= "
+                     r"1"):
+    registry.build("attention", "gla(gate_rank=0)")
+  out = family.listing(capsys)
+  assert "gla(chunk: int = 64, short_conv: int = 0, gate_rank: int = 16)" in out
