@@ -221,12 +221,14 @@ def main():
   width = max(map(len, positions)) + 1
   print("\n[attention x position]  (masks: causal, padding [batch, kv_len]; "
         "'full' = also [batch, q_len, kv_len])")
-  print(" " * 12 + "".join(p.rjust(width) for p in positions) + "  masks")
+  name_width = max(map(len, names("attention"))) + 1
+  print(" " * name_width + "".join(p.rjust(width) for p in positions)
+        + "  masks")
   for attention in names("attention"):
     marks = "".join(("yes" if compatible(attention, p) else "-").rjust(width)
                     for p in positions)
     masks = "full" if build("attention", attention).full_mask else "padding"
-    print(attention.ljust(12) + marks + "  " + masks)
+    print(attention.ljust(name_width) + marks + "  " + masks)
 
 
 if __name__ == "__main__":
