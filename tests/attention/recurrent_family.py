@@ -74,3 +74,14 @@ def listing(capsys) -> str:
   registry.main()
   return capsys.readouterr().out
 
+
+def part_and_inputs(spec: str, seed: int = 0, b=2, t=6, d=16, h=4, g=2, k=4):
+  """`spec`'s layer part (built as a layer of width d with h query and g kv
+  heads of dim k would build it) and random x, q, k, v for it."""
+  op = registry.build("attention", spec)
+  part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g, head_dim=k,
+                       rngs=nnx.Rngs(seed), dtype=np.float32,
+                       param_dtype=np.float32)
+  rng = np.random.default_rng(seed)
+  return part, [rng.standard_normal(shape).astype(np.float32) for shape in
+                ((b, t, d), (b, t, h, k), (b, t, g, k), (b, t, g, k))]

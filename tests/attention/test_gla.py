@@ -4,7 +4,6 @@ like its forward pass, trains, and is listed; rotary positions refused."""
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.attention import recurrent_family as family
 from zoo import registry
@@ -12,18 +11,8 @@ from zoo import registry
 SPEC = "gla(chunk=4)"
 
 
-def part_and_inputs(seed=0, b=2, t=6, d=16, h=4, g=2, k=4, spec=SPEC):
-  op = registry.build("attention", spec)
-  part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g, head_dim=k,
-                       rngs=nnx.Rngs(seed), dtype=np.float32,
-                       param_dtype=np.float32)
-  rng = np.random.default_rng(seed)
-  return part, [rng.standard_normal(shape).astype(np.float32) for shape in
-                ((b, t, d), (b, t, h, k), (b, t, g, k), (b, t, g, k))]
-
-
 def test_part_feeds_a_low_rank_logsigmoid_gate_per_key_dim():
-  part, (x, q, k, v) = part_and_inputs(spec="gla(gate_rank=3)")
+  part, (x, q, k, v) = family.part_and_inputs("gla(gate_rank=3)")
   q2, k2, v2, gates, _ = part.inputs(x, q, k, v, None)
   x64 = x.astype(np.float64)
   logits = np.einsum("btr,rgk->btgk", x64 @ np.asarray(
@@ -40,7 +29,7 @@ def test_part_feeds_a_low_rank_logsigmoid_gate_per_key_dim():
 
 
 def test_part_output_is_rms_norm_times_swish_gate():
-  part, (x, q, _, _) = part_and_inputs(1)
+  part, (x, q, _, _) = family.part_and_inputs(SPEC, 1)
   out = np.asarray(part.output(x, q), np.float64)
   o = q.astype(np.float64)
   normed = o / np.sqrt((o * o).mean(-1, keepdims=True) + 1e-5)

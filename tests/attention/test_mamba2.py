@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.attention import recurrent_family as family
 from zoo import registry
@@ -15,18 +14,8 @@ from zoo import registry
 SPEC = "mamba2(chunk=4)"
 
 
-def part_and_inputs(seed=0, b=2, t=6, d=16, h=4, g=2, k=4, spec=SPEC):
-  op = registry.build("attention", spec)
-  part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g, head_dim=k,
-                       rngs=nnx.Rngs(seed), dtype=np.float32,
-                       param_dtype=np.float32)
-  rng = np.random.default_rng(seed)
-  return part, [rng.standard_normal(shape).astype(np.float32) for shape in
-                ((b, t, d), (b, t, h, k), (b, t, g, k), (b, t, g, k))]
-
-
 def test_part_feeds_delta_a_and_d():
-  part, (x, q, k, v) = part_and_inputs(spec="mamba2(short_conv=0)")
+  part, (x, q, k, v) = family.part_and_inputs("mamba2(short_conv=0)")
   q2, k2, v2, gates, _ = part.inputs(x, q, k, v, None)
   dt = np.log1p(np.exp(x.astype(np.float64) @ np.asarray(part.dt.kernel[...])
                        + np.asarray(part.dt_bias_G[...])))
@@ -43,7 +32,7 @@ def test_part_feeds_delta_a_and_d():
 
 
 def test_part_output_is_a_gated_rms_norm():
-  part, (x, q, _, _) = part_and_inputs(1)
+  part, (x, q, _, _) = family.part_and_inputs(SPEC, 1)
   out = np.asarray(part.output(x, q), np.float64)
   z = np.einsum("btd,dhk->bthk", x, np.asarray(part.z.kernel[...]))
   gated = q * z / (1 + np.exp(-z))

@@ -6,7 +6,6 @@ in for xPos), trains, and is listed."""
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from tests.attention import recurrent_family as family
 from zoo import registry
@@ -14,18 +13,8 @@ from zoo import registry
 SPEC = "retnet(chunk=4)"
 
 
-def part_and_inputs(seed=0, b=2, t=6, d=16, h=4, g=2, k=4):
-  op = registry.build("attention", SPEC)
-  part = op.layer_part(embed_dim=d, num_heads=h, num_kv_heads=g, head_dim=k,
-                       rngs=nnx.Rngs(seed), dtype=np.float32,
-                       param_dtype=np.float32)
-  rng = np.random.default_rng(seed)
-  return part, [rng.standard_normal(shape).astype(np.float32) for shape in
-                ((b, t, d), (b, t, h, k), (b, t, g, k), (b, t, g, k))]
-
-
 def test_part_feeds_the_papers_decays_and_scaled_keys():
-  part, (x, q, k, v) = part_and_inputs()
+  part, (x, q, k, v) = family.part_and_inputs(SPEC)
   q2, k2, v2, gates, state = part.inputs(x, q, k, v, None)
   gamma = 1 - 2.0 ** (-5 - np.arange(2))
   np.testing.assert_allclose(gates["g"], np.broadcast_to(
@@ -37,7 +26,7 @@ def test_part_feeds_the_papers_decays_and_scaled_keys():
 
 
 def test_part_output_is_group_norm_times_swish_gate():
-  part, (x, q, _, _) = part_and_inputs(1)
+  part, (x, q, _, _) = family.part_and_inputs(SPEC, 1)
   out = np.asarray(part.output(x, q), np.float64)
   o = q.astype(np.float64)
   normed = (o - o.mean(-1, keepdims=True)) / np.sqrt(
