@@ -47,8 +47,10 @@ PRESETS = {
 }
 # The families: the KV cache (blockwise: its prefill stays linear in memory
 # at 16K; standard and xla decode alike), the KV cache with a pattern's row,
-# the ring buffer and the recurrent state (elu+1 and FAVOR+).
-OPS = ["blockwise", "bigbird", "local", "linear", "linear(feature='favor')"]
+# the ring buffer and the recurrent state (elu+1, FAVOR+ and the gated and
+# delta-rule families).
+OPS = ["blockwise", "bigbird", "local", "linear", "linear(feature='favor')",
+       "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "based"]
 
 
 def _family(op, cache) -> str:

@@ -34,7 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPECS = ["standard", "xla", "blockwise", "blockwise(implementation='xla')",
-         "local", "sparse", "bigbird", "linear", "linear(feature='favor')"]
+         "local", "sparse", "bigbird", "linear", "linear(feature='favor')",
+         "retnet", "gla", "mamba2", "deltanet", "gated_deltanet", "based"]
 
 
 def make_config(spec: str, length: int, tokens: int, quick: bool):
