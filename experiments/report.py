@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import shlex
+import subprocess
 import sys
 import textwrap
 
@@ -15,6 +17,77 @@ import numpy as np
 from scipy import stats
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The code a result depends on: a change here after a result was made marks
+# it stale (results folders and documents are not code).
+CODE = ["zoo", "experiments", "configs", ":(exclude)experiments/results"]
+# The load when this module was imported: at the start of the program that
+# writes a result, before it loaded the machine itself.
+_LOAD_AT_START = os.getloadavg()[0]
+
+
+def _git(*args) -> str:
+  try:
+    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True,
+                          text=True, check=True, timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def provenance(load: float | None = None) -> dict:
+  """Where a result comes from: the git commit, whether the code
+  (`CODE`) differed from it, jax and flax versions, the CPU model and the
+  1-minute load average at the start (`load`, else when this program
+  imported this module)."""
+  import flax
+  import jax
+  return {"commit": _git("rev-parse", "HEAD") or None,
+          "dirty": bool(_git("status", "--porcelain", "--untracked-files=no",
+                             "--", *CODE)),
+          "jax": jax.__version__, "flax": flax.__version__,
+          "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+          "load_at_start": _LOAD_AT_START if load is None else load}
+
+
+def changed_since(commit: str | None) -> list[str]:
+  """Code files (`CODE`) that differ now from `commit` (all of them when
+  the commit is unknown to this checkout)."""
+  if not commit:
+    return ["(no commit recorded)"]
+  if not _git("rev-parse", "--verify", "-q", f"{commit}^{{commit}}"):
+    return [f"(commit {commit[:10]} is not in this checkout)"]
+  return [f for f in _git("diff", "--name-only", commit, "--", *CODE
+                          ).splitlines() if f]
+
+
+def stale_note(provenances: list[dict]) -> str:
+  """A warning paragraph when a result's code has changed since it was
+  made (or was uncommitted then), else ""."""
+  lines = []
+  for commit in _unique(p.get("commit") for p in provenances):
+    files = changed_since(commit)
+    dirty = any(p.get("dirty") for p in provenances
+                if p.get("commit") == commit)
+    if files or dirty:
+      what = (f"code changed since: {', '.join(files[:12])}"
+              + (f" and {len(files) - 12} more" if len(files) > 12 else "")
+              if files else "")
+      lines.append(f"- made at {str(commit)[:10]}"
+                   + (" with uncommitted changes" if dirty else "")
+                   + (f"; {what}" if what else ""))
+  return ("**Stale:** this result may not match the code now.\n"
+          + "\n".join(lines) + "\n") if lines else ""
 
 
 def command() -> str:
@@ -34,18 +107,24 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write(name: str, title: str, body: str, raw: dict, out_dir: str = "",
           cmd: str = ""):
-  """Writes RESULTS.md (title, command, body) and raw.json; returns the
-  folder. Plots are saved by the caller into the same folder. `cmd`
+  """Writes RESULTS.md (title, command, provenance, body) and raw.json
+  (with `provenance()`); returns the folder. Plots are saved by the caller into the same folder. `cmd`
   replaces this program's own command line (a sweep records the command
   that runs it, not the one that wrote the report)."""
   folder = out_dir or os.path.join(RESULTS, name)
   os.makedirs(folder, exist_ok=True)
   cmd = cmd or command()
+  made = provenance()
   notes = kept_notes(os.path.join(folder, "RESULTS.md"))
   with open(os.path.join(folder, "RESULTS.md"), "w") as f:
-    f.write(f"# {title}\n\nMade by:\n\n    {cmd}\n\n{body}\n{notes}")
+    f.write(f"# {title}\n\nMade by:\n\n    {cmd}\n\nat commit "
+            f"{str(made['commit'])[:10]}"
+            + (" with uncommitted changes" if made["dirty"] else "")
+            + f" (jax {made['jax']}, flax {made['flax']}, {made['cpu']}, "
+            f"load {made['load_at_start']:.2f} at the start).\n\n"
+            f"{body}\n{notes}")
   with open(os.path.join(folder, "raw.json"), "w") as f:
-    json.dump({"command": cmd, **raw}, f, indent=1)
+    json.dump({"command": cmd, "provenance": made, **raw}, f, indent=1)
   print(f"wrote {folder}; reproduce with:\n  {cmd}")
   return folder
 
@@ -110,8 +189,10 @@ def _unique(items) -> list:
 def summarize(records: list[dict], analysis) -> list[dict]:
   """The rows of a sweep's tables, one per (panel, line, x): the mean and
   interval over seeds of the finished cells' values, at the best values of
-  `analysis.best_over` (best by that mean), with the failed and unfinished
-  cells of every value counted. With `analysis.time_views`, also the
+  `analysis.best_over` (best by the mean of the cells' `selection_value`,
+  the validation split's), with the failed and unfinished cells of every
+  value counted, the seeds that met the success threshold, the paired
+  difference from the reference line (`_paired_differences`). With `analysis.time_views`, also the
   values at equal training time (`at_time`, interpolated along each cell's
   eval curve at the shortest cell's training seconds in the panel; a cell
   not yet evaluated by then is left out) and
@@ -127,7 +208,18 @@ def summarize(records: list[dict], analysis) -> list[dict]:
     axes = cells[0]["axes"]
     done = [c for c in cells if c["status"] == "done"]
     mean, half, n = mean_ci([c["value"] for c in done])
+    meets = lambda v: (v >= a.success_threshold if a.higher_is_better
+                       else v <= a.success_threshold)
     row = {
+        "selection": (np.mean([c.get("selection_value", c["value"])
+                               for c in done]) if done else math.nan),
+        "successes": (sum(meets(c["value"]) for c in done)
+                      if a.success_threshold is not None else None),
+        "steps_to_threshold": [c.get("steps_to_threshold") for c in done],
+        "ceiling": _unique(c.get("ceiling") for c in done
+                           if c.get("ceiling") is not None),
+        "x_value": (float(np.mean([c[a.x_value] for c in done]))
+                    if a.x_value and done else None),
         "panel": tuple(axes[k] for k in a.panels),
         "line": tuple(axes[k] for k in a.line),
         "x": axes[a.x] if a.x else None,
@@ -147,7 +239,7 @@ def summarize(records: list[dict], analysis) -> list[dict]:
   rows = []
   for choices in options.values():
     scored = [r for r in choices if r["n"]]
-    row = dict(better(scored, key=lambda r: r["mean"]) if scored
+    row = dict(better(scored, key=lambda r: r["selection"]) if scored
                else choices[0])
     row["failed"] = sum(r["failed"] for r in choices)
     row["unfinished"] = sum(r["unfinished"] for r in choices)
@@ -157,7 +249,26 @@ def summarize(records: list[dict], analysis) -> list[dict]:
     for panel in _unique(r["panel"] for r in rows):
       _time_views([r for r in rows if r["panel"] == panel and r["n"]],
                   a.higher_is_better)
+  if a.reference_line:
+    _paired_differences(rows, a.reference_line)
   return rows
+
+
+def _paired_differences(rows: list[dict], reference: str):
+  """Sets each row's `paired` to (mean, 95% half-width, n) of its value
+  minus the reference row's (same panel and x), over the seeds both
+  finished; the differences are paired, as the seeds share their data
+  order and initialisation."""
+  by_seed = lambda r: {c["axes"]["seed"]: c["value"] for c in r["cells"]}
+  refs = {(r["panel"], r["x"]): by_seed(r) for r in rows
+          if _label(r["line"]) == reference}
+  for r in rows:
+    ref = refs.get((r["panel"], r["x"]))
+    if ref is None or _label(r["line"]) == reference:
+      r["paired"] = None
+      continue
+    mine = by_seed(r)
+    r["paired"] = mean_ci([mine[s] - ref[s] for s in mine if s in ref])
 
 
 def _time_views(rows: list[dict], higher_is_better: bool):
@@ -185,6 +296,10 @@ def _entry(row, a, with_best: bool) -> str:
   text = format_ci(row["mean"], row["half"], row["n"])
   notes = [f"{_short(k)}={v}" for k, v in row["best"].items()] if (
       with_best and row["n"] and row["choices"] > 1) else []
+  if row["n"] and row["successes"] is not None:
+    notes.append(f"{row['successes']}/{row['n']} seeds "
+                 f"{'≥' if a.higher_is_better else '≤'} "
+                 f"{a.success_threshold:g}")
   if row["failed"]:
     notes.append(f"{row['failed']} failed")
   if row["unfinished"]:
@@ -192,12 +307,16 @@ def _entry(row, a, with_best: bool) -> str:
   return f"{text} [{'; '.join(notes)}]" if notes else text
 
 
-def _as_run(rows) -> tuple[str, str]:
-  """Attention specs as run and their keys per query, over `rows`."""
+def _as_run(rows) -> tuple[str, str, str]:
+  """Attention specs as run, their keys per query and decode-state floats
+  per layer, over `rows`."""
   specs = _unique(s for r in rows for s in r["attention"])
   keys = _unique(k for r in rows for k in r["keys_per_query"])
+  states = _unique(c.get("state_floats_per_layer") for r in rows
+                   for c in r["cells"])
   return (" / ".join(specs) or "-",
-          " / ".join(f"{k:.1f}" for k in keys) or "-")
+          " / ".join(f"{k:.1f}" for k in keys) or "-",
+          " / ".join(f"{v:.0f}" for v in states if v is not None) or "-")
 
 
 def sweep_tables(rows: list[dict], analysis) -> str:
@@ -212,8 +331,15 @@ def sweep_tables(rows: list[dict], analysis) -> str:
       parts.append("### " + ", ".join(
           f"{_short(k)}={v}" for k, v in zip(a.panels, panel)))
     lines = _unique(r["line"] for r in prows)
+    baselines = _baselines(prows)
+    if baselines:
+      parts.append("Baselines: " + "; ".join(
+          f"{name} {value:.4g}" for name, value in baselines.items()) + ".")
     header = [", ".join(_short(k) for k in a.line), "attention as run",
-              "keys/query"]
+              "keys/query", "decode state floats/layer"]
+    with_ceiling = any(r["ceiling"] for r in prows)
+    if with_ceiling:
+      header.append("ceiling")
     table = []
     if a.x:
       xs = _unique(r["x"] for r in prows)
@@ -221,7 +347,8 @@ def sweep_tables(rows: list[dict], analysis) -> str:
       for line in lines:
         lrows = [r for r in prows if r["line"] == line]
         by_x = {r["x"]: r for r in lrows}
-        table.append([_label(line), *_as_run(lrows)] + [
+        table.append([_label(line), *_as_run(lrows)]
+                     + ([_ceilings(lrows)] if with_ceiling else []) + [
             _entry(by_x[x], a, True) if x in by_x else "-" for x in xs])
     else:
       header += [a.metric] + [f"best {_short(k)}" for k in a.best_over]
@@ -233,7 +360,8 @@ def sweep_tables(rows: list[dict], analysis) -> str:
                    "train tokens/s", "train s", "Pareto"]
       for r in prows:
         label = _label(r["line"])
-        row = [label, *_as_run([r]), _entry(r, a, False)]
+        row = [label, *_as_run([r])] + (
+            [_ceilings([r])] if with_ceiling else []) + [_entry(r, a, False)]
         row += [str(v) if r["n"] else "-" for v in r["best"].values()]
         if a.reference:
           name, value = a.reference.get(label, ("", None))
@@ -245,26 +373,40 @@ def sweep_tables(rows: list[dict], analysis) -> str:
                   else ["-"] * 4)
         table.append(row)
     parts.append(markdown_table(header, table))
-    if a.reference:
-      parts.append(_ordering(prows, a))
+    if a.reference_line:
+      parts.append(_paired_table(prows, a))
   return "\n\n".join(parts)
 
 
-def _ordering(rows, a) -> str:
-  """Our ranking beside the published one, and Kendall's tau between them."""
-  pairs = [(_label(r["line"]), r["mean"], a.reference[_label(r["line"])])
-           for r in rows if r["n"] and _label(r["line"]) in a.reference]
-  if len(pairs) < 2:
-    return "Too few finished rows to compare with the published ordering."
-  sign = -1 if a.higher_is_better else 1
-  ours = sorted(pairs, key=lambda p: sign * p[1])
-  theirs = sorted(pairs, key=lambda p: sign * p[2][1])
-  tau = stats.kendalltau([p[1] for p in pairs], [p[2][1] for p in pairs])
-  return (f"Ordering, ours: {' > '.join(p[0] for p in ours)}. Published "
-          f"({a.reference_source}): "
-          f"{' > '.join(f'{p[2][0]} ({p[0]})' for p in theirs)}. Kendall's "
-          f"tau between the two: {tau.statistic:.2f} over {len(pairs)} "
-          "variants.")
+def _baselines(rows) -> dict[str, float]:
+  """The chance and trivial baselines of a panel's cells."""
+  out = {}
+  for r in rows:
+    for c in r["cells"]:
+      out.update(c.get("baselines") or {})
+  return out
+
+
+def _ceilings(rows) -> str:
+  values = _unique(v for r in rows for v in r["ceiling"])
+  return " / ".join(f"{v:.3g}" for v in values) or "-"
+
+
+def _paired_table(rows, a) -> str:
+  """Each line's paired difference from the reference line, per x."""
+  xs = _unique(r["x"] for r in rows)
+  table = []
+  for line in _unique(r["line"] for r in rows):
+    if _label(line) == a.reference_line:
+      continue
+    by_x = {r["x"]: r for r in rows if r["line"] == line}
+    table.append([_label(line)] + [
+        format_ci(*by_x[x]["paired"]) if x in by_x and by_x[x]["paired"]
+        and by_x[x]["paired"][2] else "-" for x in xs])
+  header = [f"minus {a.reference_line} (paired over seeds, 95%)"] + (
+      [f"{_short(a.x)}={x}" for x in xs] if a.x else [a.metric])
+  return (f"Paired differences from {a.reference_line}: an interval that "
+          "holds 0 orders nothing.\n\n" + markdown_table(header, table))
 
 
 def sweep_plot(path: str, rows: list[dict], analysis, title: str):
@@ -290,18 +432,28 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
                                    for k, v in zip(a.panels, panel)), 48)
     if a.x:
       ax = axes[0, i]
+      where = lambda r: r["x_value"] if a.x_value else r["x"]
       for line in _unique(r["line"] for r in prows):
-        lrows = sorted((r for r in prows if r["line"] == line),
-                       key=lambda r: r["x"])
-        ax.errorbar([r["x"] for r in lrows], [r["mean"] for r in lrows],
-                    yerr=[np.nan_to_num(r["half"]) for r in lrows],
-                    marker="o", capsize=3, label=_label(line))
-      xs = sorted(_unique(r["x"] for r in prows))
+        lrows = sorted((r for r in prows if r["line"] == line), key=where)
+        bars = ax.errorbar([where(r) for r in lrows],
+                           [r["mean"] for r in lrows],
+                           yerr=[np.nan_to_num(r["half"]) for r in lrows],
+                           marker="o", capsize=3, label=_label(line))
+        color = bars[0].get_color()
+        for r in lrows:
+          seeds = [c["value"] for c in r["cells"]]
+          ax.scatter([where(r)] * len(seeds), seeds, color=color, s=9,
+                     alpha=0.45, zorder=3)
+          for ceiling in r["ceiling"]:
+            ax.scatter([where(r)], [ceiling], color=color, marker="_", s=120)
+      _draw_baselines(ax, _baselines(prows))
+      xs = sorted(_unique(where(r) for r in prows))
       if xs and min(xs) > 0 and max(xs) >= 4 * min(xs):
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
-      ax.set_xticks(xs, [str(x) for x in xs])
-      ax.set(xlabel=_short(a.x), ylabel=a.metric, title=name)
+      if not a.x_value:
+        ax.set_xticks(xs, [str(x) for x in xs])
+      ax.set(xlabel=a.x_value or _short(a.x), ylabel=a.metric, title=name)
       continue
     labels = [_label(r["line"]) for r in prows]
     pos = np.arange(len(prows))
@@ -315,6 +467,11 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
       ax.errorbar(pos, [v[0] for v in values],
                   yerr=[np.nan_to_num(v[1]) for v in values], fmt="o",
                   capsize=3, label="ours (mean, 95% interval)")
+      if j == 0:
+        for p, r in zip(pos, prows):
+          ax.scatter([p] * r["n"], [c["value"] for c in r["cells"]],
+                     color="gray", s=9, alpha=0.6, zorder=3)
+        _draw_baselines(ax, _baselines(prows))
       refs = [a.reference.get(label) for label in labels]
       if j == 0 and any(refs):
         ax.scatter([p for p, ref in zip(pos, refs) if ref],
@@ -352,6 +509,46 @@ def sweep_plot(path: str, rows: list[dict], analysis, title: str):
   plt.close(fig)
 
 
+def _draw_baselines(ax, baselines: dict[str, float]):
+  for name, value in baselines.items():
+    ax.axhline(value, ls=":", color="gray", lw=1)
+    ax.annotate(name, (0.01, value), xycoords=("axes fraction", "data"),
+                fontsize=6, color="gray", va="bottom")
+
+
+def curves_plot(path: str, records: list[dict], analysis, title: str):
+  """Every finished cell's eval curve (the validation split) against
+  steps, a panel per panel and a colour per line."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  a = analysis
+  done = [r for r in records if r["status"] == "done"]
+  panel_of = lambda r: tuple(r["axes"][k] for k in a.panels)
+  panels = _unique(panel_of(r) for r in done)
+  lines = _unique(tuple(r["axes"][k] for k in a.line) for r in done)
+  colours = {line: plt.cm.tab20(i % 20) for i, line in enumerate(lines)}
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels) + 1,
+                                                    3.8), squeeze=False)
+  for ax, panel in zip(axes[0], panels):
+    for r in (r for r in done if panel_of(r) == panel):
+      line = tuple(r["axes"][k] for k in a.line)
+      ax.plot([p[0] for p in r["curve"]], [p[2] for p in r["curve"]],
+              color=colours[line], lw=0.8, alpha=0.7)
+    ax.set(xlabel="step", ylabel=f"{a.metric} (validation)",
+           title=textwrap.fill(", ".join(
+               f"{_short(k)}={v}" for k, v in zip(a.panels, panel)), 48))
+    ax.grid(True, alpha=0.3)
+  handles = [plt.Line2D([], [], color=colours[line], label=_label(line))
+             for line in lines]
+  fig.legend(handles=handles, fontsize=7, loc="center left",
+             bbox_to_anchor=(1.0, 0.5))
+  fig.suptitle(f"{title}: every cell's evaluations")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
 def _jsonable(value):
   """nan -> None and tuples -> lists, recursively, for strict JSON."""
   if isinstance(value, float) and not math.isfinite(value):
@@ -373,11 +570,15 @@ def write_sweep(grid, records: list[dict], *, cmd: str, preset: str,
   rows = summarize(records, a)
   status = {s: [r for r in records if r["status"] == s]
             for s in ("done", "failed", "interrupted", "pending")}
-  parts = [grid.description, _setup(grid, preset, status)]
+  stale = stale_note([r for r in status["done"]])
+  parts = ([stale] if stale else []) + [grid.description,
+                                         _setup(grid, preset, status)]
   if status["done"]:
-    plot = f"{grid.name}.png"
+    plot, curves = f"{grid.name}.png", f"{grid.name}_curves.png"
     sweep_plot(os.path.join(folder, plot), rows, a, grid.title)
-    parts += [sweep_tables(rows, a), f"![{grid.name}]({plot})"]
+    curves_plot(os.path.join(folder, curves), records, a, grid.title)
+    parts += [sweep_tables(rows, a), f"![{grid.name}]({plot})",
+              f"![{grid.name} curves]({curves})"]
     if grid.analyze:
       parts.append(grid.analyze(records, folder))
   if status["failed"]:
@@ -404,17 +605,22 @@ def _setup(grid, preset: str, status: dict) -> str:
       "(" + " x ".join(f"`{k}` in {v}" for k, v in p.items()) + ")"
       for p in axes)
   devices = _unique(r["device"] for r in status["done"])
+  splits = _unique(r.get("value_split", "eval") for r in status["done"])
+  value = ("the test split's metric at the last step (`test_*`)"
+           if splits == ["test"] else f"the last logged `{a.metric}`")
   best = (f" For each row the best {', '.join(_short(k) for k in a.best_over)}"
-          " by mean over seeds is kept (selected on the reported metric, so "
-          "optimistic by the selection, as in Zoology)." if a.best_over
-          else "")
+          " is kept, chosen by the mean over seeds of the last validation "
+          "evaluation" + (", not the reported test metric." if splits == [
+              "test"] else " (the reported metric itself: optimistic by the "
+              "selection).") if a.best_over else "")
   return (
       f"Preset `{preset}`; cells: {products}; everything else from the base "
-      f"config (raw.json `base_config`). Value of a cell: the last logged "
-      f"`{a.metric}` ({'higher' if a.higher_is_better else 'lower'} is "
+      f"config (raw.json `base_config`). Value of a cell: {value} "
+      f"({'higher' if a.higher_is_better else 'lower'} is "
       "better); tables give the mean ± 95% Student-t interval over seeds "
-      f"(n seeds, n - 1 degrees of freedom).{best} Keys/query is each "
-      "attention op's `keys_per_query` at the cell's length. Ran on: "
+      f"(n seeds, n - 1 degrees of freedom) and plots every seed's point."
+      f"{best} Keys/query and decode state are each attention stack's "
+      "`zoo.layers.stack_budget` at the cell's length. Ran on: "
       f"{', '.join(devices) or '-'}.\n\nCells: {len(status['done'])} done, "
       f"{len(status['failed'])} failed, "
       f"{len(status['interrupted']) + len(status['pending'])} not finished.")

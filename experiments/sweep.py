@@ -41,8 +41,8 @@ from flax import nnx
 
 from configs import default
 from experiments import grids, report
-from zoo import (checkpoint, host_memory, metrics, plan, registry, train,
-                 xla_flags)
+from zoo import (checkpoint, host_memory, layers, metrics, plan, registry,
+                 train, xla_flags)
 from zoo.models import transformer
 
 DONE, FAILED = "DONE", "FAILED"
@@ -195,9 +195,11 @@ def check_unchanged(cells: list[Cell], root: str):
 
 def run_cell(cell: Cell, workdir: str) -> str:
   """Trains (or resumes) one cell; returns done, failed or preempted (the
-  trainer saved and returned early on SIGTERM)."""
+  trainer saved and returned early on SIGTERM). DONE records the session's
+  wall seconds, device and provenance (commit, versions, load at start)."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
+  provenance = report.provenance()
   error = cell.error
   if not error:
     try:
@@ -212,12 +214,14 @@ def run_cell(cell: Cell, workdir: str) -> str:
     _write_atomic(os.path.join(workdir, FAILED), error + "\n")
     return "failed"
   rows = metrics.read(workdir)
-  if not rows or rows[-1]["step"] < cell.config.num_train_steps:
+  if not rows or (rows[-1]["step"] < cell.config.num_train_steps
+                  and not plan.early_stop_reached(cell.config.early_stop,
+                                                  rows[-1])):
     return "preempted"
   _write_atomic(os.path.join(workdir, DONE), json.dumps({
       "wall_s": time.time() - start,
       "device": jax.devices()[0].device_kind,
-      "device_count": jax.device_count()}))
+      "device_count": jax.device_count(), **provenance}))
   return "done"
 
 
@@ -260,8 +264,6 @@ def _causal(task_spec: str) -> bool:
   return registry.get("task", registry.parse(task_spec)[0]).model == "lm"
 
 
-
-
 def _fill(config: dict, defaults: dict):
   """Adds to `config`, in place and at every depth, the keys it lacks."""
   for key, value in defaults.items():
@@ -282,15 +284,21 @@ def _parameter_counts(config_json: str) -> dict[str, int]:
   return transformer.parameter_counts(nnx.eval_shape(p.model_fn))
 
 
-def record(cell: Cell, root: str, metric: str) -> dict:
+def record(cell: Cell, root: str, grid: grids.Grid) -> dict:
   """What the report needs of a cell: status, error, and for a finished
-  cell its value (the last logged `metric`), its training tokens/s (the
-  median logged window, leaving out the first, which holds warm-up, and
-  those that hold an evaluation), its training seconds at that speed
-  (compilation, evaluation and checkpoints left out: what a longer run
-  spends per step) and eval curve of (step, training seconds, value), the
-  tokens per step, the parameter counts (zoo.models.transformer
-  .parameter_counts), the attention as run and its key budget."""
+  cell: its `value` (the test split's metric when the task has one, else
+  the last evaluation's), `selection_value` (the last evaluation: the
+  validation split, on which rows pick their best learning rate), its
+  eval curve of (step, training seconds, value), `steps_to_threshold` (the
+  first evaluated step meeting the analysis's success threshold, or None),
+  its training tokens/s (the median logged window, leaving out the first,
+  which holds warm-up, and those that hold an evaluation), its training
+  seconds at that speed (compilation, evaluation and checkpoints left out:
+  what a longer run spends per step), the tokens per step, the parameter
+  counts (zoo.models.transformer.parameter_counts), the attention as run,
+  its key budget and decode state (zoo.layers.stack_budget), and the
+  grid's baselines and ceiling for it."""
+  metric = grid.analysis.metric
   workdir = os.path.join(root, cell.name)
   r = {"name": cell.name, "axes": cell.axes, "status": status(workdir)}
   if r["status"] == "failed":
@@ -308,6 +316,7 @@ def record(cell: Cell, root: str, metric: str) -> dict:
     return {**r, "status": "failed",
             "error": f"no {metric} in metrics.jsonl (keys: "
                      f"{', '.join(sorted(rows[-1]))})"}
+  test_key = "test_" + metric.removeprefix("eval_")
   # Windows holding an evaluation count its time; the first, warm-up.
   steady = [row["tokens_per_s"] for row in rows[1:] if metric not in row]
   steady = sorted(steady or [row["tokens_per_s"] for row in rows])
@@ -315,16 +324,23 @@ def record(cell: Cell, root: str, metric: str) -> dict:
   seconds_per_step = (config["batch_size"] * config["data"]["seq_len"]
                       / tokens_per_s)
   m = config["model"]
-  r.update(value=curve[-1][1], train_s=rows[-1]["step"] * seconds_per_step,
+  r.update(value=rows[-1].get(test_key, curve[-1][1]),
+           value_split="test" if test_key in rows[-1] else "eval",
+           selection_value=curve[-1][1],
+           steps_to_threshold=grid.analysis.first_success(curve),
+           train_s=rows[-1]["step"] * seconds_per_step,
            tokens_per_s=tokens_per_s,
            tokens_per_step=config["batch_size"] * config["data"]["seq_len"],
            params=_parameter_counts(json.dumps(
                {**config, "seed": 0}, sort_keys=True)),  # same for any seed
            curve=[(step, step * seconds_per_step, v) for step, v in curve],
            attention=m["attention"],
-           keys_per_query=registry.build("attention", m["attention"])
-           .keys_per_query(config["data"]["seq_len"],
-                           _causal(config["data"]["task"])))
+           **layers.stack_budget(
+               m["attention"], m["num_layers"], config["data"]["seq_len"],
+               _causal(config["data"]["task"]), m["num_kv_heads"],
+               m["embed_dim"] // m["num_heads"]),
+           baselines=grid.baselines(cell.config) if grid.baselines else {},
+           ceiling=grid.ceiling(cell.config) if grid.ceiling else None)
   return r
 
 
@@ -365,7 +381,7 @@ def main(argv):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     if not run(mine, root, f.retry_failed) or f.num_tasks > 1:
       return
-  records = [record(c, root, grid.analysis.metric) for c in cells]
+  records = [record(c, root, grid) for c in cells]
   report.write_sweep(grid, records,
                      cmd=sweep_command(f.grid, f.preset, f.out, f.cells),
                      preset=f.preset, out_dir=out)

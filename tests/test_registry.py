@@ -79,3 +79,22 @@ def test_command_line_listing():
   assert "[attention]" in out and "[position]" in out and "[task]" in out
   assert "mqar(num_pairs: int = 8" in out
   assert "[attention x position]" in out
+
+
+def test_stack_listing_gives_each_layer_its_budget(capsys):
+  registry.main(["gla;local(window=16)", "--num_layers=4", "--length=64",
+                 "--kv_heads=2", "--head_dim=8"])
+  out = capsys.readouterr().out
+  rows = [line.split() for line in out.splitlines()[2:6]]
+  # Layer, spec, keys per query (causal, length 64), state floats:
+  # gla holds G*K*V = 2*8*8; a 16-key ring holds 2*G*K*16.
+  assert [r[1] for r in rows] == ["gla", "local(window=16)"] * 2
+  assert [int(r[-1]) for r in rows] == [128, 512] * 2
+  assert float(rows[0][2]) == 32.5  # (1 + ... + 64) / 64, every key seen
+  assert "decode state 1280 floats per batch row (320 per layer)" in out
+
+
+def test_stack_listing_refuses_a_stack_that_does_not_divide_the_layers():
+  with pytest.raises(SystemExit) as e:
+    registry.main(["gla;gla;standard", "--num_layers=4"])
+  assert e.value.code == 2

@@ -171,7 +171,9 @@ def test_checkpoint_restores_onto_another_mesh(data_dir, tmp_path):
 
 def test_mesh_shape_resolves_the_rest_and_checks_the_count():
   assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 1}, 8) == (
-      4, 2, 1)
+      4, 2, 1, 1)
+  assert sharding.mesh_shape({"data": 2, "fsdp": 1, "sequence": -1,
+                              "tensor": 1}, 8) == (2, 1, 4, 1)
   with pytest.raises(ValueError, match="has 6 devices but 8 are present"):
     sharding.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
   with pytest.raises(ValueError, match="3 does not divide the 8 devices"):

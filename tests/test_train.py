@@ -124,8 +124,10 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
     ("data.task", "mqar(pairs=3)", "data.task: task 'mqar' has no argument "
      "'pairs'"),
     ("model.num_heads", 3, "embed_dim=64 must be divisible"),
-    ("mesh.data", 3, "mesh: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} has 3 "
-     "devices but 1 are present"),
+    ("mesh.data", 3, "mesh: mesh {'data': 3, 'fsdp': 1, 'sequence': 1, "
+     "'tensor': 1} has 3 devices but 1 are present"),
+    ("mesh.sequence", 3, "mesh: mesh {'data': -1, 'fsdp': 1, 'sequence': 3, "
+     "'tensor': 1}: 3 does not divide the 1 devices"),
     ("model.dtype", "float8", "model.dtype='float8'; valid: float32"),
     ("model.position", "learned(max_len=8)", "learned(max_len=8) is shorter "
      "than the sequence length 64"),
@@ -143,6 +145,10 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, override, message):
     ("model.position", "alibi", "attention 'linear' cannot take position "
      "'alibi'"),
     ("mesh.rules", "heads=model", "mesh.rules item 'heads=model'"),
+    ("grad_accum_steps", 3, "grad_accum_steps=3 must be >= 1 and divide "
+     "batch_size=32"),
+    ("model.remat", "all", "model.remat='all'; valid: none, block, matmuls"),
+    ("early_stop", "accuracy>0.9", "early_stop='accuracy>0.9'; valid: ''"),
 ])
 def test_bad_config_is_refused_before_anything(key, value, message, tmp_path):
   """Every refused case: ConfigError naming the key, nothing written."""
@@ -188,3 +194,77 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path,
                      r"\(48, 32\)"):
     train.train_and_evaluate(tiny_config, str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+@pytest.mark.parametrize("model_name", ["lm", "classifier"])
+def test_evaluate_counts_every_example_once(model_name):
+  """10 examples in batches of 4 (the last one filled up with zero-weight
+  copies): the metrics equal one pass over all 10 at once."""
+  import jax
+  from flax import nnx
+  from zoo import layers, registry
+  from zoo.data.mqar import mqar_example
+  config = layers.ModelConfig(vocab_size=16, seq_len=8, num_layers=1,
+                              embed_dim=16, num_heads=2, num_kv_heads=2,
+                              mlp_dim=32, num_classes=3)
+  model = registry.get("model", model_name)(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  if model_name == "lm":
+    source = [mqar_example(rng, 8, 2, 16) for _ in range(10)]
+  else:
+    source = [{"inputs": rng.integers(0, 16, 8, dtype=np.int32),
+               "mask": np.arange(8) < rng.integers(2, 9),
+               "label": np.int32(rng.integers(3))} for _ in range(10)]
+  import optax
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  eval_fn = jax.jit(lambda s, b: train.eval_step(graphdef, s, b))
+  batch_config = type("C", (), {"batch_size": 4})
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  got = train.evaluate(eval_fn, state, source, batch_config, sharding)
+  whole = {k: np.stack([ex[k] for ex in source]) for k in source[0]}
+  _, expected = model.loss(whole)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5)
+
+
+def _tiny_lm_and_batch(remat="none"):
+  import jax
+  from flax import nnx
+  from zoo import layers, registry
+  from zoo.data.mqar import mqar_example
+  config = layers.ModelConfig(vocab_size=16, seq_len=8, num_layers=2,
+                              embed_dim=16, num_heads=2, num_kv_heads=2,
+                              mlp_dim=32, remat=remat, position="learned")
+  model = registry.get("model", "lm")(config, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  examples = [mqar_example(rng, 8, 1 + i % 2, 16) for i in range(8)]
+  batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+  return jax, nnx, model, batch
+
+
+@pytest.mark.parametrize("remat", ["block", "matmuls"])
+def test_remat_gives_the_gradients_of_no_remat(remat):
+  jax, nnx, plain, batch = _tiny_lm_and_batch()
+  _, _, rematted, _ = _tiny_lm_and_batch(remat)
+  grad = lambda m: jax.jit(nnx.grad(lambda m: m.loss(batch)[0]))(m)
+  for want, got in zip(jax.tree.leaves(grad(plain)),
+                       jax.tree.leaves(grad(rematted))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_accumulation_makes_the_whole_batchs_update():
+  """4 micro-batches of 2 rows whose answer counts differ (1 or 2 pairs):
+  the same parameters and metrics after one step as the batch of 8."""
+  import optax
+  jax, nnx, model, batch = _tiny_lm_and_batch()
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  results = [jax.jit(train.make_train_step(graphdef, k))(state, batch)
+             for k in (1, 4)]
+  (whole, whole_metrics), (accum, accum_metrics) = results
+  for want, got in zip(jax.tree.leaves(whole), jax.tree.leaves(accum)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7)
+  for key in ("loss", "accuracy", "grad_norm"):
+    np.testing.assert_allclose(accum_metrics[key], whole_metrics[key],
+                               rtol=1e-5)

@@ -24,6 +24,15 @@ _init = nnx.initializers.lecun_normal()
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# model.remat: what a block keeps for the backward pass (jax.checkpoint
+# policies); "none" keeps everything, as without rematerialisation.
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """What shapes a model, built once from a run's config (`from_config`)
@@ -43,6 +52,7 @@ class ModelConfig:
   num_classes: int = 0
   dtype: str = "float32"
   param_dtype: str = "float32"
+  remat: str = "none"
 
   def __post_init__(self):
     for key in ("vocab_size", "seq_len", "num_layers", "embed_dim",
@@ -53,6 +63,9 @@ class ModelConfig:
       if getattr(self, key) not in DTYPES:
         raise ValueError(f"model.{key}={getattr(self, key)!r}; valid: "
                          f"{', '.join(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat={self.remat!r}; valid: "
+                       f"{', '.join(REMAT_POLICIES)}")
     if self.embed_dim % self.num_heads:
       raise ValueError(f"model.embed_dim={self.embed_dim} must be divisible "
                        f"by model.num_heads={self.num_heads}")
@@ -97,6 +110,26 @@ def stack_specs(attention: str) -> list[str]:
   return specs
 
 
+def layer_ops(attention: str, num_layers: int) -> list[AttentionOp]:
+  """Each layer's attention op of a stack spec (the specs cycled over
+  `num_layers` layers, each op bound to its layer)."""
+  specs = stack_specs(attention)
+  built = {spec: registry.build("attention", spec) for spec in specs}
+  return [built[specs[i % len(specs)]].for_layer(i) for i in range(num_layers)]
+
+
+def stack_budget(attention: str, num_layers: int, length: int, causal: bool,
+                 kv_heads: int, head_dim: int) -> dict:
+  """What experiments match a stack on: keys per query (mean over layers)
+  and decode-state floats per batch row (summed over layers, and their
+  mean per layer) at `length`."""
+  ops = layer_ops(attention, num_layers)
+  state = sum(op.state_size(length, kv_heads, head_dim) for op in ops)
+  return {"keys_per_query": sum(op.keys_per_query(length, causal)
+                                for op in ops) / num_layers,
+          "state_floats": state, "state_floats_per_layer": state / num_layers}
+
+
 def _fan_in_init(in_axis, out_axis):
   """LeCun normal with the fan-in taken over `in_axis` of a multi-axis
   einsum kernel: q, k and v (DxHxK) have fan-in D, the output projection
@@ -114,9 +147,8 @@ def build_attention_and_position(config: ModelConfig, *, causal: bool,
   decoder."""
   specs = stack_specs(config.attention)
   kind = registry.get("position", registry.parse(config.position)[0]).kind
-  built = {}
-  for spec in specs:
-    op = built[spec] = registry.build("attention", spec)
+  ops = layer_ops(config.attention, config.num_layers)
+  for spec, op in zip(specs, ops):
     if kind not in op.positions:
       works = [p for p in registry.names("position")
                if registry.get("position", p).kind in op.positions]
@@ -124,8 +156,6 @@ def build_attention_and_position(config: ModelConfig, *, causal: bool,
           f"attention {spec!r} cannot take position {config.position!r} (a "
           f"{kind} encoding); with this attention use one of: "
           f"{', '.join(works)}")
-  ops = [built[specs[i % len(specs)]].for_layer(i)
-         for i in range(config.num_layers)]
   pe = registry.build("position", config.position,
                       embed_dim=config.embed_dim, num_heads=config.num_heads,
                       seq_len=config.seq_len, causal=causal, rngs=rngs,

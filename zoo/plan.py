@@ -53,6 +53,10 @@ def resolve(config) -> Plan:
               "eval_every_steps", "checkpoint_every_steps", "peer_timeout_s"):
     if config[key] < 1:
       raise ConfigError(f"{key}={config[key]} must be >= 1")
+  try:
+    parse_early_stop(config.early_stop)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   if config.lr_schedule not in SCHEDULES:
     raise ConfigError(f"lr_schedule={config.lr_schedule!r}; valid: "
                       f"{', '.join(SCHEDULES)}")
@@ -70,17 +74,53 @@ def resolve(config) -> Plan:
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
   data_parallel = shape[0] * shape[1]
+  if config.data.seq_len % shape[2]:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} must be divisible "
+                      f"by mesh.sequence={shape[2]}")
   if config.batch_size % data_parallel or config.batch_size % jax.process_count():
     raise ConfigError(
         f"batch_size={config.batch_size} must be divisible by mesh.data * "
         f"mesh.fsdp = {data_parallel} and by the {jax.process_count()} "
         "processes")
+  accum = config.grad_accum_steps
+  if accum < 1 or config.batch_size % (accum * data_parallel):
+    raise ConfigError(
+        f"grad_accum_steps={accum} must be >= 1 and divide batch_size="
+        f"{config.batch_size} into micro-batches divisible by mesh.data * "
+        f"mesh.fsdp = {data_parallel}")
   try:
     sharding.parse_rules(config.mesh.rules)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return Plan(task=task, model_config=model_config, model_fn=model_fn,
               abstract_model=abstract_model)
+
+
+def parse_early_stop(rule: str) -> tuple[str, str, float] | None:
+  """`"eval_accuracy>=0.99"` -> ("eval_accuracy", ">=", 0.99); "" -> None."""
+  if not rule:
+    return None
+  for op in (">=", "<="):
+    metric, sep, value = rule.partition(op)
+    if sep:
+      try:
+        threshold = float(value)
+      except ValueError:
+        break
+      if metric.startswith("eval_") and metric[5:].isidentifier():
+        return metric, op, threshold
+  raise ValueError(f"early_stop={rule!r}; valid: '' or 'eval_METRIC>=X' or "
+                   "'eval_METRIC<=X' (e.g. 'eval_accuracy>=0.99')")
+
+
+def early_stop_reached(rule: str, scalars: dict[str, float]) -> bool:
+  """Whether an evaluation's `scalars` meet `config.early_stop`."""
+  parsed = parse_early_stop(rule)
+  if parsed is None or parsed[0] not in scalars:
+    return False
+  metric, op, threshold = parsed
+  value = scalars[metric]
+  return value >= threshold if op == ">=" else value <= threshold
 
 
 # Learning rate after the linear warmup: cosine decay to a tenth of the

@@ -199,9 +199,52 @@ def compatible(attention: str, position: str) -> bool:
                                                  ).positions
 
 
-def main():
-  """Prints every registered part with its arguments and defaults, then which
-  attention ops take which positional encodings."""
+def print_stack(attention: str, num_layers: int, length: int,
+                kv_heads: int, head_dim: int):
+  """Prints each layer's op of a stack spec with its key budget and decode
+  state at `length`, and the stack's totals."""
+  from zoo import layers  # imports the registry: a CLI-only dependency
+  ops = layers.layer_ops(attention, num_layers)
+  specs = layers.stack_specs(attention)
+  print(f"{attention!r} over {num_layers} layers at length {length} "
+        f"({kv_heads} kv heads of dim {head_dim}):")
+  print(f"  {'layer':>5}  {'op':<32} {'keys/query causal':>17} "
+        f"{'decode state floats':>19}")
+  for i, op in enumerate(ops):
+    print(f"  {i:>5}  {specs[i % len(specs)]:<32} "
+          f"{op.keys_per_query(length, True):>17.1f} "
+          f"{op.state_size(length, kv_heads, head_dim):>19}")
+  budget = layers.stack_budget(attention, num_layers, length, True, kv_heads,
+                               head_dim)
+  print(f"  keys per query (mean over layers) {budget['keys_per_query']:.1f};"
+        f" decode state {budget['state_floats']} floats per batch row "
+        f"({budget['state_floats_per_layer']:.0f} per layer)")
+
+
+def main(argv: list[str]):
+  """With no arguments, prints every registered part with its arguments and
+  defaults, then which attention ops take which positional encodings. With
+  a stack spec (`'gla;gla;standard' --num_layers=6`), prints its layers'
+  budgets."""
+  if argv:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m zoo.registry")
+    parser.add_argument("attention", help="a spec or 'spec;spec;...'")
+    parser.add_argument("--num_layers", type=int, default=0,
+                        help="layers (default: one per spec)")
+    parser.add_argument("--length", type=int, default=_BUDGET_LENGTH)
+    parser.add_argument("--kv_heads", type=int, default=1)
+    parser.add_argument("--head_dim", type=int, default=_STATE_HEAD_DIM)
+    a = parser.parse_args(argv)
+    num_layers = a.num_layers or len(a.attention.split(";"))
+    try:
+      if num_layers % len(a.attention.split(";")):
+        raise ValueError(f"{a.attention!r} lists specs that do not divide "
+                         f"--num_layers={num_layers}")
+      print_stack(a.attention, num_layers, a.length, a.kv_heads, a.head_dim)
+    except ValueError as e:
+      parser.exit(2, f"error: {e}\n")
+    return
   for kind in KINDS:
     print(f"[{kind}]")
     for name in names(kind):
@@ -232,5 +275,6 @@ def main():
 
 
 if __name__ == "__main__":
+  import sys
   from zoo import registry  # the imported module, which the parts fill
-  registry.main()
+  registry.main(sys.argv[1:])

@@ -3,8 +3,9 @@ device mesh (`Layout` holds the mesh and the rules together).
 
 Parameters and activations are annotated with logical axes ("batch",
 "length", "embed", "heads", "kv", "mlp", "vocab"); `config.mesh.rules`
-maps each to mesh axes ("data", "fsdp", "tensor"), so data parallel, FSDP and
-tensor parallel are config changes. Variables are created unsharded
+maps each to mesh axes ("data", "fsdp", "sequence", "tensor"), so data
+parallel, FSDP, sequence (context) parallel and tensor parallel are config
+changes. Variables are created unsharded
 (`eager_sharding=False`) and placed by a jitted constructor with
 `out_shardings` (see `zoo/plan.py`): one policy, everywhere.
 """
@@ -19,15 +20,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv", "mlp", "vocab")
 BATCH, LENGTH, EMBED, HEADS, KV, MLP, VOCAB = LOGICAL_AXES
 
 # Default logical -> mesh rules (config.mesh.rules): batch over data and
-# fsdp, parameters' embed axis over fsdp (FSDP), heads, mlp and vocab over
-# tensor (tensor parallel); axes not named are replicated.
-DEFAULT_RULES = "batch=data+fsdp,embed=fsdp,heads=tensor,mlp=tensor,vocab=tensor"
+# fsdp, activations' length over sequence, parameters' embed axis over fsdp
+# (FSDP), heads, mlp and vocab over tensor (tensor parallel); axes not named
+# are replicated.
+DEFAULT_RULES = ("batch=data+fsdp,length=sequence,embed=fsdp,heads=tensor,"
+                 "mlp=tensor,vocab=tensor")
 
 
 def logical(init, *names: str | None):
@@ -36,8 +39,9 @@ def logical(init, *names: str | None):
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
-  """Resolves one -1 to "the rest" and checks the product."""
-  shape = [int(sizes[a]) for a in MESH_AXES]
+  """Resolves one -1 to "the rest" and checks the product; an axis not in
+  `sizes` (a config from before it existed) has size 1."""
+  shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
   if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
     raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: sizes must be "
                      "positive, with at most one -1 (the rest)")
@@ -52,7 +56,7 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     raise ValueError(
         f"mesh {dict(zip(MESH_AXES, shape))} has {math.prod(shape)} devices "
         f"but {num_devices} are present; make mesh.data * mesh.fsdp * "
-        f"mesh.tensor = {num_devices} (or set one to -1)")
+        f"mesh.sequence * mesh.tensor = {num_devices} (or set one to -1)")
   return tuple(shape)
 
 

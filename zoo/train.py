@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from zoo import (checkpoint, host_memory, layers, plan, sharding, supervise,
                  xla_flags)
 from zoo.data import pipeline
-from zoo.metrics import MetricsWriter
+from zoo.metrics import MetricsWriter, read as read_metrics
 from zoo.plan import ConfigError
 
 
@@ -32,15 +32,19 @@ class NonFiniteError(RuntimeError):
   """Loss or gradients became NaN or infinite."""
 
 
-def train_step(graphdef, state, batch):
+def train_step(graphdef, state, batch, grad_accum_steps: int = 1):
   """One update of the train state `state` (model and optimizer, split by
   `graphdef`) on `batch`, made only when the loss and every gradient are
   finite; returns (state, metrics), the metrics carrying `finite` and, per
-  parameter, whether its gradient was."""
+  parameter, whether its gradient was. With `grad_accum_steps` = k > 1
+  the batch is taken as k micro-batches (rows i, i + k, ... of micro-batch
+  i, so each keeps its share of every data-parallel shard), run one after
+  another in a scan; their gradients and metrics, each weighted by its
+  share of the batch's loss weights, make the same update as the whole
+  batch at once."""
   model, optimizer = nnx.merge(graphdef, state)
   layers.set_training_step(model, optimizer.step[...])
-  grad_fn = nnx.value_and_grad(lambda m: m.loss(batch), has_aux=True)
-  (loss, metrics), grads = grad_fn(model)
+  grads, loss, metrics = _gradients(model, batch, grad_accum_steps)
   with jax.named_scope("finite_check"):
     grads_finite = jnp.stack([jnp.isfinite(g).all()
                               for g in jax.tree.leaves(grads)])
@@ -62,17 +66,55 @@ def train_step(graphdef, state, batch):
   return new_state, metrics
 
 
-def make_train_step(graphdef):
+def _gradients(model, batch, steps: int):
+  """(grads, loss, metrics) of the model's loss on `batch`, in `steps`
+  micro-batches (see train_step)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, micro):
+    return nnx.merge(graphdef, params, rest).loss(micro)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if steps == 1:
+    (loss, metrics), grads = grad_fn(params, batch)
+    return grads, loss, metrics
+  micros = jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // steps, steps, *x.shape[1:]
+                          ).swapaxes(0, 1), batch)
+  weight = lambda micro: (jnp.sum(micro["weights"]).astype(jnp.float32)
+                          if "weights" in micro else
+                          jnp.float32(jax.tree.leaves(micro)[0].shape[0]))
+  total = jnp.maximum(sum(weight(jax.tree.map(lambda x: x[i], micros))
+                          for i in range(steps)), 1.0)
+
+  def add(carry, micro):
+    (loss, metrics), grads = grad_fn(params, micro)
+    share = weight(micro) / total
+    return jax.tree.map(lambda c, x: c + share * x, carry,
+                        (grads, loss, metrics)), None
+
+  zeros = jax.tree.map(
+      jnp.zeros_like, jax.eval_shape(
+          lambda: (lambda out: (out[1], *out[0]))(grad_fn(
+              params, jax.tree.map(lambda x: x[0], micros)))))
+  (grads, loss, metrics), _ = jax.lax.scan(add, zeros, micros)
+  return grads, loss, metrics
+
+
+def make_train_step(graphdef, grad_accum_steps: int = 1):
   """`train_step` for states of `graphdef`: (state, batch) -> (state,
   metrics), ready for jax.jit."""
-  return functools.partial(train_step, graphdef)
+  return functools.partial(train_step, graphdef,
+                           grad_accum_steps=grad_accum_steps)
 
 
 def eval_step(graphdef, state, batch):
-  """Metrics of one eval batch (at the state's training step, which picks
-  the draw of attention that redraws random features)."""
+  """(metrics, total weight) of one eval batch: the metrics are means over
+  its weighted positions or examples, the weight the sum of its `weights`
+  (at the state's training step, which picks the draw of attention that
+  redraws random features)."""
   model, _ = nnx.merge(graphdef, state)
-  return model.loss(batch)[1]
+  return model.loss(batch)[1], jnp.sum(batch["weights"])
 
 
 def check_workdir(p: plan.Plan, workdir: str) -> None:
@@ -139,9 +181,15 @@ def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
                       out_shardings=s.state_shardings)()
     else:
       logging.info("resumed from step %d", start)
+      finished = _met_early_stop(config, workdir, start)
+      if finished is not None:
+        logging.info("step %d met early_stop %s before: nothing to train",
+                     start, config.early_stop)
+        ckpt.close()
+        return finished
     next_batch = lambda: sharding.global_batch(next(train_iter), batch_sharding)
     batch = next_batch()
-    step_fn = jax.jit(make_train_step(s.graphdef),
+    step_fn = jax.jit(make_train_step(s.graphdef, config.grad_accum_steps),
                       donate_argnums=0, out_shardings=(s.state_shardings, None)
                       ).lower(state, batch).compile()
     flops = (step_fn.cost_analysis() or {}).get("flops", 0.0)
@@ -161,6 +209,14 @@ def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
           if done % config.eval_every_steps == 0 or last:
             scalars = evaluate(eval_fn, state, sources["eval"], config,
                                batch_sharding)
+            if plan.early_stop_reached(config.early_stop, scalars):
+              logging.info("step %d: early_stop %s met", done,
+                           config.early_stop)
+              last = True
+            if last and "test" in sources:
+              scalars.update({f"test_{k}": v for k, v in evaluate(
+                  eval_fn, state, sources["test"], config,
+                  batch_sharding).items()})
           log.write(done, scalars, eval_s=time.time() - began)
         stop = watch.reached(done)
         if done % config.checkpoint_every_steps == 0 or last or stop:
@@ -171,10 +227,24 @@ def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
         if stop:
           logging.warning("preempted: saved step %d, exiting", done)
           break
+        if last:
+          break
     finally:
       ckpt.close()
       log.close()
   return log.last
+
+
+def _met_early_stop(config, workdir: str, step: int) -> dict | None:
+  """The metrics row written at `step` if its evaluation met
+  `config.early_stop` (a run that ended early and is started again)."""
+  if not config.early_stop or not os.path.exists(
+      os.path.join(workdir, "metrics.jsonl")):
+    return None
+  rows = [r for r in read_metrics(workdir) if r["step"] == step]
+  if rows and plan.early_stop_reached(config.early_stop, rows[-1]):
+    return rows[-1]
+  return None
 
 
 class _Logger:
@@ -253,16 +323,17 @@ class _Logger:
 
 
 def evaluate(eval_fn, state, source, config, batch_sharding):
-  """Mean metrics over the eval split."""
+  """Metrics over every example of an eval split: each batch's means
+  weighted by its total weight, the last batch being filled up with
+  zero-weight copies (`pipeline.eval_batches`)."""
   in_flight, rows = supervise.InFlight(), []
   for b in pipeline.eval_batches(source, global_batch=config.batch_size):
     rows.append(in_flight.add(
         eval_fn(state, sharding.global_batch(b, batch_sharding))))
-  if not rows:
-    raise ValueError(f"the eval split has fewer examples than batch_size="
-                     f"{config.batch_size}")
   rows = jax.device_get(rows)
-  return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+  weights = np.array([w for _, w in rows])
+  return {k: float(np.dot([m[k] for m, _ in rows], weights) / weights.sum())
+          for k in rows[0][0]}
 
 
 def _define_flags():

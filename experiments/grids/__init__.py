@@ -46,6 +46,15 @@ class Analysis:
   view (every row's metric at the training seconds of the panel's quickest
   cell, read off each cell's eval curve) and the Pareto plot of the metric
   against training tokens/s.
+
+  The value a row reports is the test split's metric where the task has
+  one; the best of `best_over` is chosen on the last evaluation (the
+  validation split). `success_threshold` counts, per row, the seeds whose
+  value meets it, and gives each cell the first evaluated step that did
+  (steps to threshold). `reference_line` (a line label, e.g. "standard")
+  adds every row's paired difference from the reference row of its panel
+  and x, over the seeds both finished. `x_value` plots against a record's
+  field (e.g. "state_floats_per_layer") instead of the x axis's value.
   """
 
   metric: str
@@ -58,6 +67,20 @@ class Analysis:
       default_factory=dict)
   reference_source: str = ""
   time_views: bool = False
+  success_threshold: float | None = None
+  reference_line: str = ""
+  x_value: str = ""
+
+  def first_success(self, curve) -> int | None:
+    """The first step of an eval curve [(step, value), ...] whose value
+    meets `success_threshold`, or None."""
+    if self.success_threshold is None:
+      return None
+    for step, value in curve:
+      if (value >= self.success_threshold if self.higher_is_better
+          else value <= self.success_threshold):
+        return step
+    return None
 
 
 @dataclasses.dataclass
@@ -73,7 +96,11 @@ class Grid:
   folder)`, if given, is the experiment's own analysis beyond the tables
   (e.g. fitted scaling laws): given every cell's record (experiments/
   sweep.py `record`), it saves its plots into `folder` and returns
-  markdown for RESULTS.md.
+  markdown for RESULTS.md. `baselines(config)` gives a cell's chance and
+  trivial baselines ({name: value in the metric's units}), shown on its
+  panel's table and plot; `ceiling(config)` the most a cell's attention
+  can score (e.g. the share of queries whose answer lies within a pattern
+  op's keys), or None.
   """
 
   name: str
@@ -84,6 +111,9 @@ class Grid:
   analysis: Analysis
   derive: Callable[[ml_collections.ConfigDict], None] | None = None
   analyze: Callable[[list[dict], str], str] | None = None
+  baselines: Callable[[ml_collections.ConfigDict], dict[str, float]] | None = (
+      None)
+  ceiling: Callable[[ml_collections.ConfigDict], float | None] | None = None
 
   def products(self) -> list[dict[str, list]]:
     return self.axes if isinstance(self.axes, list) else [self.axes]

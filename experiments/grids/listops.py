@@ -21,8 +21,15 @@ past the majority label within a preset's CPU budget
 experiments/results/listops/RESULTS.md, "Notes from earlier runs".
 """
 
+import collections
+import functools
+
+import numpy as np
+
 from configs import listops as listops_config
 from experiments import grids
+from zoo import registry
+from zoo.data import listops
 
 # LRA Table 1, ListOps test accuracy, by our family.
 LRA = {"standard": ("Transformer", 0.3637), "local": ("Local Att", 0.1582),
@@ -63,4 +70,46 @@ def get_grid(preset: str) -> grids.Grid:
       analysis=grids.Analysis(
           metric="eval_accuracy", line=("model.attention",), reference=LRA,
           reference_source="LRA, Tay et al. 2021, length 2000"),
-      derive=derive)
+      derive=derive, baselines=baselines)
+
+
+def baselines(config) -> dict[str, float]:
+  """Accuracy of two rules that read no nesting, on the test split's
+  expressions (generated data only)."""
+  _, args = registry.parse(config.data.task)
+  if "path" in args:
+    return {}
+  task = registry.build("task", config.data.task, seq_len=config.data.seq_len)
+  c = task.config
+  return _baselines(c.seq_len, c.min_len, c.max_depth, c.max_args,
+                    c.num_eval, c.seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _baselines(seq_len, min_len, max_depth, max_args, count, seed):
+  examples = [listops.listops_example(
+      np.random.default_rng((seed, 1, i)), seq_len=seq_len, min_len=min_len,
+      max_depth=max_depth, max_args=max_args) for i in range(count)]
+  labels = [int(ex["label"]) for ex in examples]
+  majority = collections.Counter(labels).most_common(1)[0][0]
+  root = [root_rule(ex["inputs"]) for ex in examples]
+  return {"majority label": float(np.mean(np.equal(labels, majority))),
+          "root operator on its digits": float(np.mean(np.equal(labels,
+                                                                root)))}
+
+
+def root_rule(inputs) -> int:
+  """The root operator applied to its digit children, nested lists
+  ignored (0 when the root has no digit child)."""
+  names = [listops.VOCAB[i] for i in inputs if i]
+  digits, depth = [], 0
+  for name in names[1:]:
+    if name in listops.OPERATORS:
+      depth += 1
+    elif name == "]":
+      depth -= 1
+    elif depth == 0:
+      digits.append(int(name))
+  if not digits:
+    return 0
+  return listops.evaluate((names[0], digits))

@@ -71,7 +71,7 @@ def train_step_losses(attention: str, steps: int = 2) -> np.ndarray:
 
 def listing(capsys) -> str:
   """What `python -m zoo.registry` prints."""
-  registry.main()
+  registry.main([])
   return capsys.readouterr().out
 
 

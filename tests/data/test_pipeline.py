@@ -116,3 +116,23 @@ def test_eval_never_repeats_a_training_example(spec, seq_len, tmp_path):
            for i in range(len(sources["eval"]))]
   assert evals and not train & set(evals)
   assert len(evals) < 64  # duplicates were there to drop
+
+
+@pytest.mark.parametrize("with_weights", [True, False])
+def test_eval_batches_count_every_example_once(with_weights):
+  """10 examples in batches of 4: three batches, the last filled up with
+  two zero-weight copies; each real example once with its own weights."""
+  source = [{"inputs": np.full(3, i, np.int32)} for i in range(10)]
+  if with_weights:
+    for i, ex in enumerate(source):
+      ex["weights"] = np.full(3, 0.5 + i, np.float32)
+  batches = list(pipeline.eval_batches(source, global_batch=4))
+  assert len(batches) == 3 and all(len(b["inputs"]) == 4 for b in batches)
+  inputs = np.concatenate([b["inputs"][:, 0] for b in batches])
+  weights = np.concatenate([b["weights"] for b in batches])
+  weights = weights[:, 0] if with_weights else weights
+  real = weights > 0
+  assert sorted(inputs[real]) == list(range(10))
+  assert not real[10:].any()
+  expected = (0.5 + np.arange(10)) if with_weights else np.ones(10)
+  np.testing.assert_allclose(weights[:10], expected)

@@ -3,6 +3,7 @@ CPU ones, and the key-budget helper picks sizes within the budget."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from experiments import grids, sweep
@@ -24,6 +25,9 @@ def test_grid_files_expand(name, preset, tmp_path):
   cells = sweep.expand(grid)
   assert not [c.error for c in cells if c.error]
   assert {c.axes["seed"] for c in cells} == {0, 1, 2}
+  if name == "mqar":
+    assert all(c.config.model.attention.startswith("conv;") for c in cells)
+    return
   families = {c.axes["model.attention"] for c in cells}
   assert {"standard", "local", "sparse", "bigbird"} <= families
   assert {"linear(feature='elu')", "linear(feature='favor')"} <= families
@@ -78,3 +82,30 @@ def test_at_budget_picks_the_largest_size_within_the_budget(monkeypatch):
   assert grids.at_budget("fake(window=5)", 33, 256, True) == "fake(window=5)"
   assert grids.at_budget("standard", 8, 256, True) == "standard"
   grids.at_budget.cache_clear()
+
+
+def test_mqar_ceiling_is_the_share_of_answers_within_reach():
+  """'conv;local(window=8)': the conv layer reaches 3 tokens back, the
+  window 7 more, so a query reaches the answer's value token when it
+  lies at most 10 positions back; dense stacks have no ceiling."""
+  from experiments.grids import mqar
+  from zoo.data.mqar import mqar_example
+  assert mqar._ceiling("conv;standard", 2, 4, 64, 4, 64) is None
+  got = mqar._ceiling("conv;local(window=8)", 2, 4, 64, 4, 64, examples=64)
+  rng = np.random.default_rng(12345)
+  near = []
+  for _ in range(64):
+    ex = mqar_example(rng, 64, 4, 64)
+    for q in np.flatnonzero(ex["weights"]):
+      value_at = np.flatnonzero(ex["inputs"][:q] == ex["inputs"][q])[0] + 1
+      near.append(q - value_at <= 10)
+  assert got == pytest.approx(np.mean(near)) and 0 < got < 1
+
+
+def test_listops_root_rule_ignores_nested_lists():
+  from experiments.grids import listops
+  from zoo.data.listops import TOKEN
+  ids = lambda text: [TOKEN[t] for t in text.split()]
+  assert listops.root_rule(ids("[MAX 3 [MIN 9 1 ] 5 ]")) == 5
+  assert listops.root_rule(ids("[SM 7 [MAX 9 ] 8 ]")) == 5
+  assert listops.root_rule(ids("[MED [MAX 9 ] [MIN 1 ] ]")) == 0

@@ -62,3 +62,45 @@ def test_equal_time_values_and_pareto_front():
   assert [r["at_time"][0] for r in rows[:2]] == [2.0, pytest.approx(3.0)]
   assert rows[2]["at_time"][2] == 0  # first evaluated after 20 s
   assert [r["pareto"] for r in rows] == [True, True, False]
+
+
+def test_best_is_chosen_on_validation_and_reported_on_test():
+  analysis = grids.Analysis(metric="acc", best_over=("learning_rate",))
+  records = [{**cell("a", lr, s, test), "selection_value": val}
+             for lr, val, test in ((0.1, 0.9, 0.5), (0.01, 0.8, 0.7))
+             for s in range(2)]
+  (row,) = report.summarize(records, analysis)
+  assert row["best"] == {"learning_rate": 0.1} and row["mean"] == 0.5
+
+
+def test_paired_differences_successes_and_steps_to_threshold():
+  analysis = grids.Analysis(metric="acc", reference_line="ref",
+                            success_threshold=0.9)
+  ref = [0.95, 0.99, 0.91]
+  other = [0.5, 0.97, 0.2]
+  records = ([cell("ref", 0.1, s, v) for s, v in enumerate(ref)]
+             + [cell("other", 0.1, s, v) for s, v in enumerate(other)]
+             + [cell("other", 0.1, 3, 0.9)])  # no reference seed 3
+  ref_row, other_row = report.summarize(records, analysis)
+  diff = np.subtract(other, ref)
+  low, high = stats.t.interval(0.95, 2, loc=diff.mean(),
+                               scale=stats.sem(diff))
+  mean, half, n = other_row["paired"]
+  assert n == 3 and (mean - half, mean + half) == pytest.approx((low, high))
+  assert ref_row["paired"] is None
+  assert (ref_row["successes"], other_row["successes"]) == (3, 2)
+  table = report.sweep_tables([ref_row, other_row], analysis)
+  assert "3/3 seeds ≥ 0.9" in table and "minus ref" in table
+  assert analysis.first_success([(10, 0.5), (20, 0.92), (30, 0.95)]) == 20
+  assert analysis.first_success([(10, 0.5)]) is None
+
+
+def test_stale_note_names_what_changed_since_a_commit():
+  made = report.provenance()
+  assert made["jax"] and made["cpu"]
+  if made["commit"] is None:
+    pytest.skip("not a git checkout")
+  note = report.stale_note([{**made, "dirty": False}])
+  assert ("Stale" in note) == bool(report.changed_since(made["commit"]))
+  note = report.stale_note([{"commit": "0" * 40, "dirty": False}])
+  assert "Stale" in note and "not in this checkout" in note

@@ -143,7 +143,7 @@ def test_failed_cell_is_reported_and_not_retried(tmp_path, data_dir):
   stamp = os.stat(failed).st_mtime_ns
   assert sweep.run(cells, root)  # neither cell runs again
   assert os.stat(failed).st_mtime_ns == stamp
-  records = [sweep.record(c, root, "eval_accuracy") for c in cells]
+  records = [sweep.record(c, root, grid) for c in cells]
   assert [r["status"] for r in records] == ["done", "failed"]
   assert records[0]["keys_per_query"] == pytest.approx(33 / 2)
   out = str(tmp_path / "out")
@@ -152,7 +152,7 @@ def test_failed_cell_is_reported_and_not_retried(tmp_path, data_dir):
   text = open(os.path.join(out, "RESULTS.md")).read()
   assert f"| {cells[1].name} | {error} |" in text
   assert "1 done, 1 failed, 0 not finished" in text
-  assert "| 0 | - | - | - [1 failed] |" in text
+  assert "| 0 | - | - | - | - [1 failed] |" in text
   raw = json.load(open(os.path.join(out, "raw.json")))
   assert raw["cells"][1]["error"] == error
   assert os.path.exists(os.path.join(out, "tiny.png"))

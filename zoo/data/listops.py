@@ -125,8 +125,9 @@ class ListOpsConfig(tfds.core.BuilderConfig):
 class ListOpsBuilder(GeneratedBuilder):
   """TFDS builder; evaluation never repeats a training expression."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "A validation split."}
   name = "zoo_listops"
 
   def _info(self):
@@ -271,5 +272,10 @@ class ListOps:
     self.builder = ListOpsTsvBuilder
 
   def sources(self, data_dir: str | None):
-    return prepare_and_load(self.builder, self.config, data_dir,
-                            {"train": "train", "eval": "test"})
+    """Train and eval sources; generated data also has a test split (eval
+    is then its validation split), LRA's files the one `eval_split`
+    names."""
+    splits = {"train": "train", "eval": "test"}
+    if self.builder is ListOpsBuilder:
+      splits = {"train": "train", "eval": "validation", "test": "test"}
+    return prepare_and_load(self.builder, self.config, data_dir, splits)

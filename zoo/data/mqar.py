@@ -50,8 +50,9 @@ class MqarConfig(tfds.core.BuilderConfig):
 class MqarBuilder(GeneratedBuilder):
   """TFDS builder; one config per (length, pairs, vocabulary, sizes, seed)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First version."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First version.",
+                   "1.1.0": "A validation split."}
   name = "zoo_mqar"
 
   def _info(self):
@@ -92,6 +93,8 @@ class Mqar:
     self.model_args = {"vocab_size": vocab_size}
 
   def sources(self, data_dir: str | None):
-    """{"train": ..., "eval": ...} random-access sources, prepared once."""
+    """Random-access sources, prepared once: train, eval (the validation
+    split: curves, model choice) and test (the reported metric)."""
     return prepare_and_load(MqarBuilder, self.config, data_dir,
-                            {"train": "train", "eval": "test"})
+                            {"train": "train", "eval": "validation",
+                             "test": "test"})

@@ -6,6 +6,7 @@ is saved with each checkpoint."""
 
 import grain
 import jax
+import numpy as np
 
 
 def _local_batch(global_batch: int) -> int:
@@ -29,7 +30,24 @@ def train_iterator(source, *, global_batch: int, seed: int):
 
 
 def eval_batches(source, *, global_batch: int):
-  """One pass over this process's share in full batches (a remainder smaller
-  than a batch is left out, so every process runs the same steps)."""
-  ds = _this_process(grain.MapDataset.source(source))
-  return ds.batch(_local_batch(global_batch), drop_remainder=True)
+  """One pass over every example, this process's share, in full batches.
+  The last global batch is filled up with copies of example 0 whose
+  `weights` are zero (an example without `weights` gets a per-example 1 or
+  0), so every process runs the same steps and each example counts once
+  in a weighted mean."""
+  n = len(source)
+  if n == 0:
+    raise ValueError("the eval split is empty")
+
+  def example(i):
+    record = dict(source[min(i, n - 1) if i < n else 0])
+    real = i < n
+    if "weights" in record:
+      record["weights"] = record["weights"] * np.float32(real)
+    else:
+      record["weights"] = np.float32(real)
+    return record
+
+  padded = -(-n // global_batch) * global_batch
+  ds = _this_process(grain.MapDataset.range(padded).map(example))
+  return ds.batch(_local_batch(global_batch))

@@ -37,9 +37,11 @@ def lm_features(seq_len: int) -> tfds.features.FeaturesDict:
 
 class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
   """A builder of synthetic examples: example i of a split is drawn from
-  `np.random.default_rng((seed, split, i))`, so preparation is deterministic,
-  and the test split drops any example whose inputs occur in train.
-  Subclasses define `_info` and `example(rng)`; their config has
+  `np.random.default_rng((seed, split, i))`, so preparation is
+  deterministic. Three splits: train, test (the reported metric) and
+  validation (curves, learning-rate choice), `num_eval` draws each; test
+  drops any example whose inputs occur in train, validation any in train
+  or test. Subclasses define `_info` and `example(rng)`; their config has
   `num_train`, `num_eval` and `seed`."""
 
   def example(self, rng: np.random.Generator) -> dict:
@@ -47,20 +49,21 @@ class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {"train": self._generate_examples("train"),
-            "test": self._generate_examples("test")}
+    return {split: self._generate_examples(split)
+            for split in ("train", "test", "validation")}
 
   def _draw(self, split: str):
     c = self.builder_config
-    count, split_id = {"train": (c.num_train, 0), "test": (c.num_eval, 1)}[
-        split]
+    count, split_id = {"train": (c.num_train, 0), "test": (c.num_eval, 1),
+                       "validation": (c.num_eval, 2)}[split]
     for i in range(count):
       yield i, self.example(np.random.default_rng((c.seed, split_id, i)))
 
   def _generate_examples(self, split: str):
-    seen = set()
-    if split == "test":
-      seen = {ex["inputs"].tobytes() for _, ex in self._draw("train")}
+    before = {"train": (), "test": ("train",),
+              "validation": ("train", "test")}[split]
+    seen = {ex["inputs"].tobytes() for other in before
+            for _, ex in self._draw(other)}
     for key, example in self._draw(split):
       if example["inputs"].tobytes() not in seen:
         yield key, example

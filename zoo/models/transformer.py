@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 
 from zoo import registry
-from zoo.layers import (ModelConfig, TransformerBlock,
+from zoo.layers import (REMAT_POLICIES, ModelConfig, TransformerBlock,
                         build_attention_and_position, rms_norm)
 from zoo.position.base import EMBED_STD
 from zoo.sharding import BATCH, EMBED, LENGTH, VOCAB, constrain, logical
@@ -59,13 +59,17 @@ class Trunk(nnx.Module):
         for op in ops])
     self.norm = rms_norm(config.embed_dim, rngs, config.compute_dtype,
                          config.parameter_dtype)
+    self.remat = config.remat
 
   def __call__(self, tokens_BxT, mask_BxT: Optional[jax.Array] = None):
     with jax.named_scope("embedding"):
       x_BxTxD = self.position.embed(self.embed(tokens_BxT))
     x_BxTxD = constrain(x_BxTxD, (BATCH, LENGTH, EMBED))
+    run = lambda block, position, x, mask: block(x, position, mask)
+    if self.remat != "none":  # ModelConfig.remat: what the backward keeps
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, self.position, mask_BxT)
+      x_BxTxD = run(block, self.position, x_BxTxD, mask_BxT)
     with jax.named_scope("norm"):
       return self.norm(x_BxTxD)
 
@@ -191,8 +195,15 @@ class EncoderClassifier(nnx.Module):
     return self.head(pooled_BxD).astype(jnp.float32)
 
   def loss(self, batch):
+    """Cross-entropy and accuracy, means over the examples weighted by
+    `weights` (B; all 1 when the batch has none)."""
     logits_BxC = self(batch["inputs"], batch["mask"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxC, batch["label"]).mean()
-    accuracy = (jnp.argmax(logits_BxC, -1) == batch["label"]).mean()
-    return loss, {"loss": loss, "accuracy": accuracy}
+    weights_B = batch.get("weights", jnp.ones(logits_BxC.shape[:1]))
+    weights_B = weights_B.astype(jnp.float32)
+    total = jnp.maximum(weights_B.sum(), 1.0)
+    xent_B = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxC, batch["label"])
+    loss = (xent_B * weights_B).sum() / total
+    correct_B = jnp.argmax(logits_BxC, -1) == batch["label"]
+    return loss, {"loss": loss,
+                  "accuracy": (correct_B * weights_B).sum() / total}
