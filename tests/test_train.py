@@ -268,3 +268,21 @@ def test_gradient_accumulation_makes_the_whole_batchs_update():
   for key in ("loss", "accuracy", "grad_norm"):
     np.testing.assert_allclose(accum_metrics[key], whole_metrics[key],
                                rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_early_stop_ends_the_run_and_evaluates_the_test_split(tiny_config,
+                                                              tmp_path):
+  """A rule met at the first evaluation (step 10 of 20): the run ends
+  there with a checkpoint and the test split's metrics; started again, it
+  trains no further."""
+  tiny_config.early_stop = "eval_loss<=1000"
+  workdir = str(tmp_path / "run")
+  last = train.train_and_evaluate(tiny_config, workdir)
+  rows = metrics.read(workdir)
+  assert rows[-1]["step"] == 10
+  assert last["test_accuracy"] == rows[-1]["test_accuracy"]
+  assert "test_accuracy" in rows[-1] and "eval_accuracy" in rows[-1]
+  assert "10" in os.listdir(os.path.join(workdir, "checkpoints"))
+  again = train.train_and_evaluate(tiny_config, workdir)
+  assert again == rows[-1] and metrics.read(workdir) == rows

@@ -207,8 +207,9 @@ def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
           log.check_finite(param_names, config.skip_nonfinite)
           scalars, began = {}, time.time()
           if done % config.eval_every_steps == 0 or last:
-            scalars = evaluate(eval_fn, state, sources["eval"], config,
-                               batch_sharding)
+            scalars = {f"eval_{k}": v for k, v in evaluate(
+                eval_fn, state, sources["eval"], config,
+                batch_sharding).items()}
             if plan.early_stop_reached(config.early_stop, scalars):
               logging.info("step %d: early_stop %s met", done,
                            config.early_stop)
@@ -287,9 +288,9 @@ class _Logger:
                            "last checkpoint is kept)")
 
   def write(self, step, eval_scalars, eval_s: float):
-    """Logs the window; its `eval_s` seconds of evaluation (logged as
-    eval_time_s) and the seconds given to `exclude` are left out of the
-    throughput."""
+    """Logs the window with `eval_scalars` (eval_* and test_* metrics); its
+    `eval_s` seconds of evaluation (logged as eval_time_s) and the seconds
+    given to `exclude` are left out of the throughput."""
     c = self.config
     rows = jax.device_get([m for _, m in self.window])
     rows = [r for r in rows if r["finite"]] or rows  # skipped steps left out
@@ -305,14 +306,14 @@ class _Logger:
     if c.peak_tflops_per_device > 0:
       scalars["mfu"] = scalars["tflops_per_s"] / (
           c.peak_tflops_per_device * jax.device_count())
-    scalars.update({f"eval_{k}": v for k, v in eval_scalars.items()})
+    scalars.update(eval_scalars)
     if eval_scalars:
       scalars["eval_time_s"] = eval_s
     eta = (c.num_train_steps - step) / steps_per_s
     logging.info("step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0fs%s", step,
                  c.num_train_steps, scalars["loss"], scalars["tokens_per_s"],
                  eta, "".join(f"  {k} {v:.4f}" for k, v in scalars.items()
-                              if k.startswith("eval_")))
+                              if k.startswith(("eval_", "test_"))))
     self.writer.write(step, scalars)
     self.last = scalars
     self.window, self.checked, self.start_time = [], 0, time.time()
