@@ -23,8 +23,11 @@ The CPU preset's step count is sized to a preset's CPU budget
 experiments/results/text/RESULTS.md, "Notes from earlier runs".
 """
 
+import functools
+
 from configs import text as text_config
-from experiments import grids
+from experiments import grids, ngram
+from zoo import registry
 
 POSITIONS = ["none", "sinusoidal", "learned", "rope", "alibi", "t5"]
 
@@ -70,4 +73,16 @@ def get_grid(preset: str, text_path: str = "") -> grids.Grid:
       analysis=grids.Analysis(
           metric="eval_bits_per_token", higher_is_better=False,
           line=("model.attention", "model.position"), time_views=True),
-      derive=derive)
+      derive=derive, baselines=baselines)
+
+
+def baselines(config) -> dict[str, float]:
+  """Smoothed 2-, 3- and 4-gram bits per byte on the cell's eval split."""
+  _, args = registry.parse(config.data.task)
+  return _ngrams(args["path"], config.data.seq_len,
+                 args.get("eval_fraction", 0.1))
+
+
+@functools.lru_cache(maxsize=None)
+def _ngrams(path: str, seq_len: int, eval_fraction: float):
+  return ngram.baselines(path, seq_len, eval_fraction)

@@ -136,3 +136,17 @@ def test_eval_batches_count_every_example_once(with_weights):
   assert not real[10:].any()
   expected = (0.5 + np.arange(10)) if with_weights else np.ones(10)
   np.testing.assert_allclose(weights[:10], expected)
+
+
+def test_data_another_program_prepared_first_is_used(tmp_path, monkeypatch):
+  """TFDS's final rename fails when a concurrent program (a sweep's other
+  task) prepared the same data first; the prepared data is then read."""
+  from zoo.data import mqar
+  _sources(str(tmp_path))  # prepared by "the other program"
+
+  def lost_the_race(self, *args, **kwargs):
+    raise FileExistsError("Cannot rename ...: Destination already exists.")
+
+  monkeypatch.setattr(mqar.MqarBuilder, "download_and_prepare", lost_the_race)
+  sources = _sources(str(tmp_path))
+  assert len(sources["train"]) == 256 and len(sources["test"]) > 0

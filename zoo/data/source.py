@@ -16,7 +16,14 @@ def prepare_and_load(builder_cls, config, data_dir, splits: dict[str, str]):
 
   def prepare():
     builder = make()
-    builder.download_and_prepare()
+    try:
+      builder.download_and_prepare()
+    except FileExistsError:
+      # Another program (a sweep's other task) finished preparing the same
+      # data first: TFDS's final rename found its folder there.
+      builder = make()
+      if not builder.is_prepared():
+        raise
     return builder
 
   builder = supervise.on_process_0(prepare, "prepare data")
