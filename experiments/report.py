@@ -351,7 +351,8 @@ def sweep_tables(rows: list[dict], analysis) -> str:
                      + ([_ceilings(lrows)] if with_ceiling else []) + [
             _entry(by_x[x], a, True) if x in by_x else "-" for x in xs])
     else:
-      header += [a.metric] + [f"best {_short(k)}" for k in a.best_over]
+      header += [_value_name(prows, a)] + [f"best {_short(k)}"
+                                           for k in a.best_over]
       if a.reference:
         header.append("published")
       if a.time_views:
@@ -376,6 +377,14 @@ def sweep_tables(rows: list[dict], analysis) -> str:
     if a.reference_line:
       parts.append(_paired_table(prows, a))
   return "\n\n".join(parts)
+
+
+def _value_name(rows, a) -> str:
+  """The reported metric's name: test_* where the cells report the test
+  split, else the analysis's metric."""
+  splits = {c.get("value_split") for r in rows for c in r["cells"]}
+  return (a.metric.replace("eval_", "test_", 1) if splits == {"test"}
+          else a.metric)
 
 
 def _baselines(rows) -> dict[str, float]:
@@ -404,7 +413,7 @@ def _paired_table(rows, a) -> str:
         format_ci(*by_x[x]["paired"]) if x in by_x and by_x[x]["paired"]
         and by_x[x]["paired"][2] else "-" for x in xs])
   header = [f"minus {a.reference_line} (paired over seeds, 95%)"] + (
-      [f"{_short(a.x)}={x}" for x in xs] if a.x else [a.metric])
+      [f"{_short(a.x)}={x}" for x in xs] if a.x else [_value_name(rows, a)])
   return (f"Paired differences from {a.reference_line}: an interval that "
           "holds 0 orders nothing.\n\n" + markdown_table(header, table))
 

@@ -296,8 +296,9 @@ def record(cell: Cell, root: str, grid: grids.Grid) -> dict:
   seconds at that speed (compilation, evaluation and checkpoints left out:
   what a longer run spends per step), the tokens per step, the parameter
   counts (zoo.models.transformer.parameter_counts), the attention as run,
-  its key budget and decode state (zoo.layers.stack_budget), and the
-  grid's baselines and ceiling for it."""
+  its key budget and decode state (zoo.layers.stack_budget), every test
+  split's metrics of the last row (`tests`), and the grid's baselines and
+  ceiling for it."""
   metric = grid.analysis.metric
   workdir = os.path.join(root, cell.name)
   r = {"name": cell.name, "axes": cell.axes, "status": status(workdir)}
@@ -339,6 +340,7 @@ def record(cell: Cell, root: str, grid: grids.Grid) -> dict:
                m["attention"], m["num_layers"], config["data"]["seq_len"],
                _causal(config["data"]["task"]), m["num_kv_heads"],
                m["embed_dim"] // m["num_heads"]),
+           tests={k: v for k, v in rows[-1].items() if k.startswith("test")},
            baselines=grid.baselines(cell.config) if grid.baselines else {},
            ceiling=grid.ceiling(cell.config) if grid.ceiling else None)
   return r

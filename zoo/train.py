@@ -214,10 +214,11 @@ def _train(config, workdir: str, p: plan.Plan, watch) -> dict[str, float]:
               logging.info("step %d: early_stop %s met", done,
                            config.early_stop)
               last = True
-            if last and "test" in sources:
-              scalars.update({f"test_{k}": v for k, v in evaluate(
-                  eval_fn, state, sources["test"], config,
-                  batch_sharding).items()})
+            for name in sorted(sources) if last else ():
+              if name.startswith("test"):  # test, and e.g. test_x2
+                scalars.update({f"{name}_{k}": v for k, v in evaluate(
+                    eval_fn, state, sources[name], config,
+                    batch_sharding).items()})
           log.write(done, scalars, eval_s=time.time() - began)
         stop = watch.reached(done)
         if done % config.checkpoint_every_steps == 0 or last or stop:

@@ -13,7 +13,7 @@ GRIDS = "experiments/grids/"
 
 
 @pytest.mark.parametrize("preset", grids.PRESETS)
-@pytest.mark.parametrize("name", ["mqar", "listops", "text"])
+@pytest.mark.parametrize("name", ["mqar", "listops", "text", "copying"])
 def test_grid_files_expand(name, preset, tmp_path):
   arg = f"{GRIDS}{name}.py"
   if name == "text":
@@ -25,7 +25,7 @@ def test_grid_files_expand(name, preset, tmp_path):
   cells = sweep.expand(grid)
   assert not [c.error for c in cells if c.error]
   assert {c.axes["seed"] for c in cells} == {0, 1, 2}
-  if name == "mqar":
+  if name in ("mqar", "copying"):
     assert all(c.config.model.attention.startswith("conv;") for c in cells)
     return
   families = {c.axes["model.attention"] for c in cells}

@@ -1,4 +1,4 @@
 """Tasks (TFDS builders prepared locally) and grain pipelines; importing this
 registers the tasks."""
 
-from zoo.data import listops, mqar, text, tfds_text  # noqa: F401
+from zoo.data import copying, listops, mqar, text, tfds_text  # noqa: F401

@@ -44,31 +44,34 @@ def lm_features(seq_len: int) -> tfds.features.FeaturesDict:
 
 class GeneratedBuilder(tfds.core.GeneratorBasedBuilder):
   """A builder of synthetic examples: example i of a split is drawn from
-  `np.random.default_rng((seed, split, i))`, so preparation is
-  deterministic. Three splits: train, test (the reported metric) and
-  validation (curves, learning-rate choice), `num_eval` draws each; test
-  drops any example whose inputs occur in train, validation any in train
-  or test. Subclasses define `_info` and `example(rng)`; their config has
-  `num_train`, `num_eval` and `seed`."""
+  `np.random.default_rng((seed, split id, i))`, so preparation is
+  deterministic. Splits (`SPLITS`, name -> id): train, test (the reported
+  metric) and validation (curves, learning-rate choice), `num_eval` draws
+  each but train; a subclass may add test splits of its own (e.g. longer
+  sequences). A test split drops any example whose inputs occur in train,
+  validation any in train or test. Subclasses define `_info` and
+  `example(rng, split)`; their config has `num_train`, `num_eval` and
+  `seed`."""
 
-  def example(self, rng: np.random.Generator) -> dict:
+  SPLITS = {"train": 0, "test": 1, "validation": 2}
+
+  def example(self, rng: np.random.Generator, split: str) -> dict:
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
     del dl_manager
-    return {split: self._generate_examples(split)
-            for split in ("train", "test", "validation")}
+    return {split: self._generate_examples(split) for split in self.SPLITS}
 
   def _draw(self, split: str):
     c = self.builder_config
-    count, split_id = {"train": (c.num_train, 0), "test": (c.num_eval, 1),
-                       "validation": (c.num_eval, 2)}[split]
+    count = c.num_train if split == "train" else c.num_eval
     for i in range(count):
-      yield i, self.example(np.random.default_rng((c.seed, split_id, i)))
+      yield i, self.example(
+          np.random.default_rng((c.seed, self.SPLITS[split], i)), split)
 
   def _generate_examples(self, split: str):
-    before = {"train": (), "test": ("train",),
-              "validation": ("train", "test")}[split]
+    before = {"train": (), "validation": ("train", "test")}.get(
+        split, ("train",))
     seen = {ex["inputs"].tobytes() for other in before
             for _, ex in self._draw(other)}
     for key, example in self._draw(split):
