@@ -60,7 +60,9 @@ def _family(op, cache) -> str:
   pattern = type(op).cache_rows is not AttentionOp.cache_rows
   return {"KVCache": "KV cache + pattern row" if pattern else "KV cache",
           "Ring": "ring buffer",
-          "RecurrentState": "recurrent state"}.get(name, name)
+          "RecurrentState": "recurrent state",
+          "RecurrenceState": "recurrent state (gated)",
+          "DeltaState": "recurrent state (delta rule)"}.get(name, name)
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size preset.")
 _QUICK = flags.DEFINE_bool("quick", False, "The smoke-test preset (same as "

@@ -45,17 +45,25 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def provenance(load: float | None = None) -> dict:
-  """Where a result comes from: the git commit, whether the code
-  (`CODE`) differed from it, jax and flax versions, the CPU model and the
-  1-minute load average at the start (`load`, else when this program
-  imported this module)."""
-  import flax
-  import jax
+def _code_state() -> dict:
   return {"commit": _git("rev-parse", "HEAD") or None,
           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no",
-                             "--", *CODE)),
-          "jax": jax.__version__, "flax": flax.__version__,
+                             "--", *CODE))}
+
+
+# The code this program runs: the checkout when it imported this module
+# (at its start), not when it writes (edits made meanwhile are not loaded).
+_CODE_AT_START = _code_state()
+
+
+def provenance(load: float | None = None) -> dict:
+  """Where a result comes from: the git commit and whether the code
+  (`CODE`) differed from it when this program started, jax and flax
+  versions, the CPU model and the 1-minute load average (`load`, else at
+  the program's start)."""
+  import flax
+  import jax
+  return {**_CODE_AT_START, "jax": jax.__version__, "flax": flax.__version__,
           "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
           "load_at_start": _LOAD_AT_START if load is None else load}
 

@@ -199,7 +199,7 @@ def run_cell(cell: Cell, workdir: str) -> str:
   wall seconds, device and provenance (commit, versions, load at start)."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  provenance = report.provenance()
+  provenance = report.provenance(load=os.getloadavg()[0])
   error = cell.error
   if not error:
     try:

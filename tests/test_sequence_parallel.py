@@ -36,9 +36,10 @@ def _run(worker, *args):
   return json.loads(line[len("RESULT "):])
 
 
-def _worker_loss_and_grads(specs):
+def _worker_loss_and_grads(specs, meshes):
   """{spec: {mesh: [loss relative error, gradient relative error, whether
-  the compiled program moves data between devices]}}."""
+  the compiled program moves data between devices]}} for each of
+  `meshes` (names in MESHES)."""
   import jax
   import numpy as np
   from flax import nnx
@@ -63,7 +64,8 @@ def _worker_loss_and_grads(specs):
     want_loss, want_grads = jax.jit(loss_and_grads)(state, batch)
     want = np.concatenate([np.ravel(g) for g in jax.tree.leaves(want_grads)])
     out[spec] = {}
-    for name, sizes in MESHES.items():
+    for name in meshes:
+      sizes = MESHES[name]
       layout = sharding.Layout(sharding.make_mesh(sizes),
                                sharding.parse_rules(sharding.DEFAULT_RULES))
       with layout:
@@ -77,6 +79,46 @@ def _worker_loss_and_grads(specs):
           any(c in hlo for c in ("all-gather", "collective-permute",
                                  "all-reduce", "all-to-all"))]
   return out
+
+
+def _worker_state_passing():
+  """{gate: [output relative error, final state relative error, whether
+  the compiled program gathers anything as long as the sequence]} of
+  recurrence.state_passing over 8 length shards against a float64 numpy
+  recurrence."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from tests.attention import test_recurrence as ref
+  from zoo.attention import recurrence
+  mesh = jax.make_mesh((8,), ("sequence",),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  out = {}
+  for gate in ("scalar", "vector", "none"):
+    q, k, v, g, s0 = ref.random_inputs(3, gate, t=32)
+    want_o, want_s = ref.numpy_recurrence(q, k, v, g, s0)
+    g_j = np.asarray(ref.gate_j(g, k))
+    on_length = NamedSharding(mesh, P(None, "sequence"))
+    args = [jax.device_put(x, on_length) for x in (q, k, v, g_j)]
+    with jax.set_mesh(mesh):
+      run = jax.jit(lambda q, k, v, g, s: recurrence.state_passing(
+          q, k, v, g, s, chunk=2, axis=("sequence", 8)))
+      hlo = run.lower(*args, s0).compile().as_text()
+      o, s = run(*args, s0)
+    error = lambda a, b: float(np.abs(np.asarray(a) - b).max()
+                               / np.abs(b).max())
+    gathers_length = any("all-gather" in line and ",32," in line
+                         for line in hlo.splitlines())
+    out[gate] = [error(o, want_o), error(s, want_s), gathers_length]
+  return out
+
+
+@pytest.mark.slow
+def test_state_passing_matches_the_recurrence_and_gathers_only_states():
+  for gate, (o_error, s_error, gathers_length) in _run(
+      "_worker_state_passing").items():
+    assert o_error < 1e-5 and s_error < 1e-5, gate
+    assert not gathers_length, gate
 
 
 def _worker_training(data_dir, tmp, specs):
@@ -117,8 +159,12 @@ def _every_family():
 
 @pytest.mark.slow
 def test_every_family_gives_one_devices_loss_and_gradients():
+  """Every family on sequence 4 x data 2; standard on sequence 8 too."""
   specs = _every_family()
-  errors = _run("_worker_loss_and_grads", specs)
+  errors = _run("_worker_loss_and_grads", specs, ["sequence4_data2"])
+  errors["standard"].update(_run("_worker_loss_and_grads", ["standard"],
+                                 ["sequence8"])["standard"])
+  assert set(errors["standard"]) == set(MESHES)
   for spec in specs:
     for mesh, (loss_error, grad_error, moves) in errors[spec].items():
       assert loss_error <= 1e-5 and grad_error <= 1e-5, (spec, mesh,

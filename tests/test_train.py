@@ -199,7 +199,8 @@ def test_workdir_of_another_model_is_refused(tiny_config, tmp_path,
 @pytest.mark.parametrize("model_name", ["lm", "classifier"])
 def test_evaluate_counts_every_example_once(model_name):
   """10 examples in batches of 4 (the last one filled up with zero-weight
-  copies): the metrics equal one pass over all 10 at once."""
+  copies): the metrics, those over the recall hits too, equal one pass
+  over all 10 at once."""
   import jax
   from flax import nnx
   from zoo import layers, registry
@@ -209,8 +210,9 @@ def test_evaluate_counts_every_example_once(model_name):
                               mlp_dim=32, num_classes=3)
   model = registry.get("model", model_name)(config, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  if model_name == "lm":
-    source = [mqar_example(rng, 8, 2, 16) for _ in range(10)]
+  if model_name == "lm":  # with recall hits: metrics over part of a row
+    source = [{**mqar_example(rng, 8, 2, 16),
+               "hits": rng.random(8) < 0.5} for _ in range(10)]
   else:
     source = [{"inputs": rng.integers(0, 16, 8, dtype=np.int32),
                "mask": np.arange(8) < rng.integers(2, 9),

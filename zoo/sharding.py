@@ -38,6 +38,21 @@ def logical(init, *names: str | None):
   return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+def length_axis() -> tuple[str, int] | None:
+  """(mesh axis, size) that the current logical rules shard activations'
+  length over, when the current mesh has that axis with size > 1 (one
+  mesh axis; else None). Ops with a context-parallel form ask this while
+  tracing."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  spec = nn.logical_to_mesh_axes((LENGTH,))
+  name = None if spec is None else spec[0]
+  if not isinstance(name, str) or mesh.shape.get(name, 1) == 1:
+    return None
+  return name, mesh.shape[name]
+
+
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   """Resolves one -1 to "the rest" and checks the product; an axis not in
   `sizes` (a config from before it existed) has size 1."""

@@ -326,16 +326,27 @@ class _Logger:
 
 def evaluate(eval_fn, state, source, config, batch_sharding):
   """Metrics over every example of an eval split: each batch's means
-  weighted by its total weight, the last batch being filled up with
-  zero-weight copies (`pipeline.eval_batches`)."""
+  weighted by its total weight (a metric over part of the positions by
+  that part's weight), the last batch being filled up with zero-weight
+  copies (`pipeline.eval_batches`)."""
   in_flight, rows = supervise.InFlight(), []
   for b in pipeline.eval_batches(source, global_batch=config.batch_size):
     rows.append(in_flight.add(
         eval_fn(state, sharding.global_batch(b, batch_sharding))))
   rows = jax.device_get(rows)
   weights = np.array([w for _, w in rows])
-  return {k: float(np.dot([m[k] for m, _ in rows], weights) / weights.sum())
-          for k in rows[0][0]}
+  out = {}
+  for key in rows[0][0]:
+    # A metric over part of the positions, NAME_PART, comes with that
+    # part's share of the weight, PART_fraction (see TransformerLM.loss).
+    part = key.rsplit("_", 1)[-1]
+    share = (np.array([m[f"{part}_fraction"] for m, _ in rows])
+             if f"{part}_fraction" in rows[0][0] and not key.endswith(
+                 "_fraction") else 1.0)
+    w = weights * share
+    out[key] = float(np.dot([m[key] for m, _ in rows], w)
+                     / max(w.sum(), 1e-30))
+  return out
 
 
 def _define_flags():

@@ -40,3 +40,15 @@ def test_missing_or_empty_path_is_a_clear_error(tmp_path):
     registry.build("task", f"text(path='{tmp_path}/empty.txt')", seq_len=16)
   with pytest.raises(ValueError, match="no file matches"):
     registry.build("task", "text()", seq_len=16)
+
+
+def test_recall_hits_mark_bigrams_seen_before(text_file, data_dir):
+  from zoo.data.text import recall_hits
+  # "abcab" + "c": the bigram ending at the second b (a, b) was seen.
+  x = np.array([ord(c) for c in "abcabcx"])
+  assert recall_hits(x).tolist() == [False, False, False, False, True, True,
+                                     False]
+  task = registry.build("task", f"text(path={text_file!r})", seq_len=15)
+  example = task.sources(data_dir)["eval"][0]
+  np.testing.assert_array_equal(example["hits"],
+                                recall_hits(example["inputs"]))

@@ -30,6 +30,10 @@ node; only pairs within a leaf of at most `_LEAF` positions take the
 pairwise decay. That costs log2(C / L) + L decayed copies of K per token
 instead of C. Log gates from -20 to -1e-4 per step stay finite in float32.
 
+With the length sharded over a mesh axis (context parallelism,
+`mesh.sequence`), `state_passing` runs the chunked form on each shard and
+passes states between shards: G x K x V floats per shard, at any length.
+
 `GatedRecurrence` is the op the families subclass (decoding through the
 chunked form from a state and the step form); `RecurrencePart` is their
 layer part's base (an optional short convolution on q, k and v, then the
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from zoo import sharding
 from zoo.attention import parts
 from zoo.attention.base import AttentionOp, LayerPart
 
@@ -130,6 +135,46 @@ def chunked(q_BxTxHxK, k_BxTxGxK, v_BxTxGxV, g_BxTxGxJ, s_BxGxKxV, *,
                                     cum_BxGxNxCxJ)
   o_BxTxHxV = jnp.moveaxis(o_BxGxNxCxRxV, 1, 3).reshape(b, n * c, h, vd)
   return o_BxTxHxV[:, :t], final_BxGxKxV
+
+
+def state_passing(q_BxTxHxK, k_BxTxGxK, v_BxTxGxV, g_BxTxGxJ, s_BxGxKxV, *,
+                  chunk: int, axis: tuple[str, int]):
+  """`chunked` over a length sharded on mesh axis `axis` = (name, shards),
+  with one exchange of states (LASP, Sun et al. 2024): each shard runs the
+  chunked form from a zero state; the shards' own final states and total
+  log decays are gathered (G x K x V floats per shard, whatever the
+  length); each shard folds those before it, decayed, into its incoming
+  state, and its queries, decayed from the shard's start, read it. Every
+  shard folds all of them into the same final state."""
+  name, shards = axis
+  length = jax.sharding.PartitionSpec(None, name)
+  whole = jax.sharding.PartitionSpec()
+
+  def local(q_BxTxHxK, k_BxTxGxK, v_BxTxGxV, g_BxTxGxJ, s_BxGxKxV):
+    o_BxTxHxV, own_BxGxKxV = chunked(q_BxTxHxK, k_BxTxGxK, v_BxTxGxV,
+                                     g_BxTxGxJ, jnp.zeros_like(s_BxGxKxV),
+                                     chunk=chunk)
+    cum_BxTxGxJ = jnp.cumsum(g_BxTxGxJ, axis=1)
+    own_NxBxGxKxV = jax.lax.all_gather(own_BxGxKxV, name)
+    decay_NxBxGxJ = jax.lax.all_gather(cum_BxTxGxJ[:, -1], name)
+    here = jax.lax.axis_index(name)
+    incoming_BxGxKxV = final_BxGxKxV = s_BxGxKxV
+    for j in range(shards):
+      final_BxGxKxV = (jnp.exp(decay_NxBxGxJ[j])[..., None] * final_BxGxKxV
+                       + own_NxBxGxKxV[j])
+      incoming_BxGxKxV = jnp.where(j < here, final_BxGxKxV, incoming_BxGxKxV)
+    b, t, h, kd = q_BxTxHxK.shape
+    g = k_BxTxGxK.shape[2]
+    q_BxTxGxRxK = (q_BxTxHxK.reshape(b, t, g, h // g, kd)
+                   * jnp.exp(cum_BxTxGxJ)[:, :, :, None, :])
+    o_BxTxHxV += jnp.einsum("btgrk,bgkv->btgrv", q_BxTxGxRxK,
+                            incoming_BxGxKxV).reshape(b, t, h, -1)
+    return o_BxTxHxV, final_BxGxKxV
+
+  return jax.shard_map(local, in_specs=(length,) * 4 + (whole,),
+                       out_specs=(length, whole), axis_names={name},
+                       check_vma=False)(q_BxTxHxK, k_BxTxGxK, v_BxTxGxV,
+                                        g_BxTxGxJ, s_BxGxKxV)
 
 
 def _cumsum_within_chunks(g_BxGxNxCxJ):
@@ -296,7 +341,14 @@ class GatedRecurrence(AttentionOp):
     return jnp.zeros((b, g, kd, v.shape[-1]), jnp.float32)
 
   def _run(self, q, k, v, g_BxTxGxJ, s_BxGxKxV):
+    """The chunked form, or with the length sharded over a mesh axis
+    (`sharding.length_axis`), the state-passing form."""
     f32 = lambda x: x.astype(jnp.float32)
+    axis = sharding.length_axis()
+    if (axis is not None and q.shape[1] == k.shape[1]
+        and q.shape[1] % axis[1] == 0):
+      return state_passing(f32(q), f32(k), f32(v), g_BxTxGxJ, s_BxGxKxV,
+                           chunk=self.chunk, axis=axis)
     return chunked(f32(q), f32(k), f32(v), g_BxTxGxJ, s_BxGxKxV,
                    chunk=self.chunk)
 

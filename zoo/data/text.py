@@ -93,5 +93,38 @@ class Text:
     self.model_args = {"vocab_size": 256}
 
   def sources(self, data_dir: str | None):
-    return prepare_and_load(TextBuilder, self.config, data_dir,
-                            {"train": "train", "eval": "validation"})
+    """train, and eval whose examples also mark recall hits (`hits`)."""
+    sources = prepare_and_load(TextBuilder, self.config, data_dir,
+                               {"train": "train", "eval": "validation"})
+    return {"train": sources["train"], "eval": WithHits(sources["eval"])}
+
+
+def recall_hits(inputs_T: np.ndarray) -> np.ndarray:
+  """T bool: whether the bigram ending at each position (the byte before
+  it and itself) occurred earlier in the sequence, so that the next byte
+  can be recalled from what followed it then (Zoology's "AR hits", Arora
+  et al. 2023, section 3). Position 0 has no bigram."""
+  x = np.asarray(inputs_T)
+  hits = np.zeros(len(x), bool)
+  seen = set()
+  for t in range(1, len(x)):
+    bigram = (int(x[t - 1]), int(x[t]))
+    hits[t] = bigram in seen
+    seen.add(bigram)
+  return hits
+
+
+class WithHits:
+  """A random-access source whose examples gain `hits` (`recall_hits` of
+  their inputs), so the LM's loss splits into recall hits and the rest."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    example = dict(self.source[i])
+    example["hits"] = recall_hits(example["inputs"])
+    return example

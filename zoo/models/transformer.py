@@ -157,7 +157,11 @@ class TransformerLM(nnx.Module):
     return self.head(h_Bx1xD[:, 0]).astype(jnp.float32), cache
 
   def loss(self, batch):
-    """Weighted next-token cross-entropy and accuracy."""
+    """Weighted next-token cross-entropy and accuracy; where the batch
+    marks recall hits (`hits`, BxT bool: zoo.data.text.recall_hits), also
+    bits per token on the hits and on the rest, and each one's share of
+    the weight (`hits_fraction`, `rest_fraction`: what an evaluation over
+    many batches weights those metrics by)."""
     logits_BxTxV = self(batch["inputs"])
     with jax.named_scope("loss"):
       weights_BxT = batch["weights"].astype(jnp.float32)
@@ -166,8 +170,16 @@ class TransformerLM(nnx.Module):
       correct_BxT = jnp.argmax(logits_BxTxV, -1) == batch["targets"]
       total = jnp.maximum(weights_BxT.sum(), 1.0)
       loss = (xent_BxT * weights_BxT).sum() / total
-    return loss, {"loss": loss, "bits_per_token": loss / jnp.log(2.0),
-                  "accuracy": (correct_BxT * weights_BxT).sum() / total}
+      metrics = {"loss": loss, "bits_per_token": loss / jnp.log(2.0),
+                 "accuracy": (correct_BxT * weights_BxT).sum() / total}
+      if "hits" in batch:
+        for name, part_BxT in (("hits", batch["hits"]),
+                               ("rest", ~batch["hits"])):
+          w_BxT = weights_BxT * part_BxT
+          metrics[f"bits_per_token_{name}"] = (xent_BxT * w_BxT).sum() / (
+              jnp.maximum(w_BxT.sum(), 1.0) * jnp.log(2.0))
+          metrics[f"{name}_fraction"] = w_BxT.sum() / total
+    return loss, metrics
 
 
 @registry.register("model", "classifier")
