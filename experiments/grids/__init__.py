@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from configs import default
 from zoo import registry
 
 PRESETS = ("quick", "cpu", "full")
@@ -194,6 +195,24 @@ def at_budget(attention: str, keys: float, t: int, causal: bool) -> str:
   within = [size for size, b in budgets.items() if b <= keys]
   return spec(name, {**kwargs, arg: max(within) if within else min(
       budgets, key=budgets.get)})
+
+
+def recall_config(*, steps: int, batch: int, threshold: float):
+  """The default config for a recall grid (MQAR, copying): 2 layers,
+  `steps` steps of `batch` sequences with 20 evaluations, warmup a
+  twentieth of them, a checkpoint every quarter (one kept), stopping at
+  `threshold` validation accuracy."""
+  config = default.get_config()
+  config.batch_size = batch
+  config.max_checkpoints_to_keep = 1
+  config.num_train_steps = steps
+  config.warmup_steps = max(1, steps // 20)
+  config.log_every_steps = max(1, steps // 20)
+  config.eval_every_steps = max(1, steps // 20)
+  config.checkpoint_every_steps = max(1, steps // 4)
+  config.early_stop = f"eval_accuracy>={threshold}"
+  config.model.num_layers = 2
+  return config
 
 
 def set_model(config, *, layers: int, width: int, heads: int):

@@ -22,7 +22,6 @@ width.
 import math
 import os
 
-from configs import default
 from experiments import grids, report
 from zoo import registry
 
@@ -48,16 +47,8 @@ PRESETS = {
 
 def get_grid(preset: str) -> grids.Grid:
   p = PRESETS[preset]
-  config = default.get_config()
-  config.batch_size = p["batch"]
-  config.max_checkpoints_to_keep = 1
-  config.num_train_steps = p["steps"]
-  config.warmup_steps = max(1, p["steps"] // 20)
-  config.log_every_steps = max(1, p["steps"] // 20)
-  config.eval_every_steps = max(1, p["steps"] // 20)
-  config.checkpoint_every_steps = max(1, p["steps"] // 4)
-  config.early_stop = f"eval_accuracy>={THRESHOLD}"
-  config.model.num_layers = 2
+  config = grids.recall_config(steps=p["steps"], batch=p["batch"],
+                               threshold=THRESHOLD)
   config.model.embed_dim, config.model.mlp_dim = p["width"], 4 * p["width"]
   config.data.seq_len = 4 * p["max_len"]
   config.data.task = (

@@ -39,7 +39,6 @@ import functools
 
 import numpy as np
 
-from configs import default
 from experiments import grids
 from zoo import layers, registry
 from zoo.data.mqar import mqar_example
@@ -76,16 +75,8 @@ def task(pairs: int, p: dict) -> str:
 
 def get_grid(preset: str) -> grids.Grid:
   p = PRESETS[preset]
-  config = default.get_config()
-  config.batch_size = p["batch"]
-  config.max_checkpoints_to_keep = 1
-  config.num_train_steps = p["steps"]
-  config.warmup_steps = max(1, p["steps"] // 20)
-  config.log_every_steps = max(1, p["steps"] // 20)
-  config.eval_every_steps = max(1, p["steps"] // 20)
-  config.checkpoint_every_steps = max(1, p["steps"] // 4)
-  config.early_stop = f"eval_accuracy>={THRESHOLD}"
-  config.model.num_layers = 2
+  config = grids.recall_config(steps=p["steps"], batch=p["batch"],
+                               threshold=THRESHOLD)
   config.model.position = "learned"
 
   def derive(c):
