@@ -40,7 +40,7 @@ from absl import app, flags, logging
 from flax import nnx
 
 from configs import default
-from experiments import grids, report
+from experiments import grids, provenance, report
 from zoo import (checkpoint, host_memory, layers, metrics, plan, registry,
                  train, xla_flags)
 from zoo.models import transformer
@@ -199,7 +199,7 @@ def run_cell(cell: Cell, workdir: str) -> str:
   wall seconds, device and provenance (commit, versions, load at start)."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  provenance = report.provenance(load=os.getloadavg()[0])
+  made = provenance.provenance(load=os.getloadavg()[0])
   error = cell.error
   if not error:
     try:
@@ -221,7 +221,7 @@ def run_cell(cell: Cell, workdir: str) -> str:
   _write_atomic(os.path.join(workdir, DONE), json.dumps({
       "wall_s": time.time() - start,
       "device": jax.devices()[0].device_kind,
-      "device_count": jax.device_count(), **provenance}))
+      "device_count": jax.device_count(), **made}))
   return "done"
 
 
@@ -374,7 +374,10 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if not f.report_only:
     os.makedirs(root, exist_ok=True)
-    _write_atomic(os.path.join(root, ".gitignore"), "*\n")
+    # A finished cell's files are small and kept with the results; its
+    # checkpoints, events and the compilation cache are not.
+    _write_atomic(os.path.join(root, ".gitignore"),
+                  "checkpoints/\ntensorboard/\n.jax_cache/\n*.tmp\n")
     # Cells that differ only in seed compile the same programs: a
     # persistent cache (per host, as compiled CPU code may not move
     # between machines) compiles them once.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import grids, report
+from experiments import grids, provenance, report
 
 
 def test_mean_ci_by_hand_and_against_scipy():
@@ -96,11 +96,11 @@ def test_paired_differences_successes_and_steps_to_threshold():
 
 
 def test_stale_note_names_what_changed_since_a_commit():
-  made = report.provenance()
+  made = provenance.provenance()
   assert made["jax"] and made["cpu"]
   if made["commit"] is None:
     pytest.skip("not a git checkout")
-  note = report.stale_note([{**made, "dirty": False}])
-  assert ("Stale" in note) == bool(report.changed_since(made["commit"]))
-  note = report.stale_note([{"commit": "0" * 40, "dirty": False}])
+  note = provenance.stale_note([{**made, "dirty": False}])
+  assert ("Stale" in note) == bool(provenance.changed_since(made["commit"]))
+  note = provenance.stale_note([{"commit": "0" * 40, "dirty": False}])
   assert "Stale" in note and "not in this checkout" in note
